@@ -1,0 +1,1 @@
+"""Festival simulator: scenario and curve (pure), order generator (pure), publisher (I/O)."""

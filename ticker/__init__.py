@@ -1,0 +1,1 @@
+"""Live GMV ticker: wire codec, aggregation state, MQTT adapter, websocket server, CLI."""

@@ -1,0 +1,252 @@
+"""`gmv` command line: demo, simulate, aggregate, serve. The only place that calls asyncio.run.
+
+A bad setting exits 2 with one line naming it; Ctrl-C stops cleanly with exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import sys
+import time
+import uuid
+from contextlib import AsyncExitStack
+
+import orjson
+
+from simulator.publisher import PublishReport, publish_scenario
+from simulator.scenario import SCENARIOS, Scenario
+
+from .dimensions import FESTIVAL_2020
+from .errors import ConfigError
+from .mqtt import BrokerSettings, Topics, connect, run_aggregator, watch_totals
+from .server import TickerServer
+from .state import AggregateState
+from .wire import Limits
+
+DEMO_MINUTES = 10  # the default demo replays the whole window in about this many minutes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        raise ConfigError(message)
+
+
+def _speed(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number or 'max', not {text!r}")
+    return value
+
+
+def _positive(kind: type, upper: float = float("inf")):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not 0 < value <= upper:
+            raise argparse.ArgumentTypeError(f"must be a number in (0, {upper:g}], not {text!r}")
+        return value
+    return parse
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"must be 0-65535, not {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="gmv", description="Live GMV ticker for sales festivals.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def common(p: argparse.ArgumentParser, *, broker_required: bool) -> None:
+        p.add_argument("--broker", required=broker_required, metavar="mqtt://HOST:PORT",
+                       help="MQTT broker URL" + ("" if broker_required else
+                                                 " (default: start an embedded broker)"))
+        p.add_argument("--prefix", default="gmv/v1", help="topic prefix (default gmv/v1)")
+
+    def simulation(p: argparse.ArgumentParser, default_speed: str) -> None:
+        p.add_argument("--scenario", choices=sorted(SCENARIOS), default="2020")
+        p.add_argument("--speed", type=_speed, default=_speed(default_speed),
+                       help=f"simulated time per wall time, or 'max' (default {default_speed})")
+        p.add_argument("--seed", type=int, default=2020)
+        p.add_argument("--order-scale", type=_positive(float, 1.0),
+                       default=0.001, help="fraction of the real order count (default 0.001)")
+        p.add_argument("--batch-orders", type=_positive(int, 1_000_000),
+                       default=10_000, help="orders per batch at most (default 10000)")
+        p.add_argument("--encoding", choices=("binary", "json"), default="binary")
+
+    def serving(p: argparse.ArgumentParser, default_port: int) -> None:
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+        p.add_argument("--port", type=_port, default=default_port,
+                       help=f"HTTP/websocket port (default {default_port})")
+
+    demo = commands.add_parser("demo", help="broker, simulator, aggregator and ticker in one")
+    common(demo, broker_required=False)
+    speed = FESTIVAL_2020.minutes / DEMO_MINUTES
+    simulation(demo, f"{speed:g}")
+    serving(demo, 8080)
+
+    sim = commands.add_parser("simulate", help="publish a festival's orders to the broker")
+    common(sim, broker_required=True)
+    simulation(sim, "max")
+    sim.add_argument("--producer", default=None, help="producer id (default: sim-RANDOM)")
+    sim.add_argument("--json", action="store_true", help="print the final report as JSON")
+
+    agg = commands.add_parser("aggregate", help="consume orders into numpy totals")
+    common(agg, broker_required=True)
+    agg.add_argument("--shard", default="0", help="shard name (default 0)")
+    agg.add_argument("--brands", type=_positive(int, 2**32 - 1), default=250_000,
+                     help="brand ids accepted: 0..N-1 (default 250000)")
+
+    srv = commands.add_parser("serve", help="serve the ticker page and websocket")
+    common(srv, broker_required=True)
+    serving(srv, 8080)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        broker = BrokerSettings.from_url(args.broker) if args.broker else None
+        run = {"demo": _demo, "simulate": _simulate, "aggregate": _aggregate,
+               "serve": _serve}[args.command]
+        return asyncio.run(run(args, broker))
+    except ConfigError as exc:
+        print(f"gmv: error: {exc}", file=sys.stderr)
+        return 2
+    except ConnectionError as exc:
+        print(f"gmv: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gmv: stopped", file=sys.stderr)
+        return 0
+
+
+def _scenario(args: argparse.Namespace) -> Scenario:
+    return dataclasses.replace(SCENARIOS[args.scenario], seed=args.seed,
+                               order_scale=args.order_scale)
+
+
+def _limits(brands: int = 250_000) -> Limits:
+    return Limits(n_brands=brands, n_minutes=FESTIVAL_2020.minutes,
+                  n_countries=12, n_platforms=3, max_order_cents=10**10)
+
+
+def _progress(every: float = 2.0):
+    last = [time.monotonic()]
+
+    def show(report: PublishReport) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            print(f"  minute {report.minutes:,}: {report.orders:,} orders, "
+                  f"{_usd(report.gmv_cents)} published", file=sys.stderr)
+    return show
+
+
+def _usd(cents: int) -> str:
+    return f"${cents // 100:,}.{cents % 100:02d}"
+
+
+async def _simulate(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    scenario = _scenario(args)
+    producer = args.producer or f"sim-{uuid.uuid4().hex[:8]}"
+    async with connect(broker) as client:
+        report = await publish_scenario(
+            client, scenario, Topics(args.prefix), producer=producer, speed=args.speed,
+            batch_orders=args.batch_orders, binary=args.encoding == "binary",
+            progress=_progress())
+    if args.json:
+        print(orjson.dumps(dataclasses.asdict(report)).decode())
+    else:
+        print(f"published {report.orders:,} orders in {report.batches:,} batches, "
+              f"GMV {_usd(report.gmv_cents)} ({report.gmv_cents} cents), "
+              f"in {report.seconds:.1f} s as {producer}")
+    return 0
+
+
+async def _aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    await _check_broker(broker)
+    state = AggregateState(_limits(args.brands))
+    print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard {args.shard}",
+          file=sys.stderr)
+    await run_aggregator(broker, Topics(args.prefix), state, FESTIVAL_2020, shard=args.shard)
+    return 0
+
+
+async def _serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    await _check_broker(broker)
+    server = TickerServer()
+    async with await _listen(server, args.host, args.port) as ws_server, \
+            asyncio.TaskGroup() as tg:
+        tg.create_task(watch_totals(broker, Topics(args.prefix), server.receive_totals),
+                       name="watch-totals")
+        tg.create_task(server.run_pusher(), name="pusher")
+        print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
+    return 0
+
+
+async def _demo(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
+    topics = Topics(args.prefix)
+    async with AsyncExitStack() as stack:
+        if broker is None:
+            from .embedded_broker import EmbeddedBroker
+            embedded = await stack.enter_async_context(EmbeddedBroker())
+            broker = BrokerSettings("127.0.0.1", embedded.port)
+        else:
+            await _check_broker(broker)
+        server = TickerServer()
+        ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
+        state = AggregateState(_limits())
+        ready = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(run_aggregator(broker, topics, state, FESTIVAL_2020, ready=ready),
+                           name="aggregator")
+            tg.create_task(watch_totals(broker, topics, server.receive_totals), name="watch")
+            tg.create_task(server.run_pusher(), name="pusher")
+            await ready.wait()
+            speed = "max" if args.speed is None else f"{args.speed:g}x"
+            print(f"GMV ticker: open http://{args.host}:{_bound_port(ws_server)}/ "
+                  f"(broker {broker.url}, speed {speed}; Ctrl-C stops)", flush=True)
+            async with connect(broker) as client:
+                report = await publish_scenario(
+                    client, _scenario(args), topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
+                    speed=args.speed, batch_orders=args.batch_orders,
+                    binary=args.encoding == "binary")
+            print(f"replay done: {report.orders:,} orders, GMV {_usd(report.gmv_cents)}; "
+                  "the ticker stays up until Ctrl-C", flush=True)
+    return 0
+
+
+async def _check_broker(broker: BrokerSettings) -> None:
+    async with connect(broker):
+        pass
+
+
+async def _listen(server: TickerServer, host: str, port: int):
+    try:
+        return await server.serve(host, port)
+    except OSError as exc:
+        raise ConfigError(f"--port={port}: cannot listen on {host}:{port} ({exc.strerror})") \
+            from None
+
+
+def _bound_port(ws_server) -> int:
+    return ws_server.sockets[0].getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""Ticker server: serves web/ over HTTP and pushes the merged totals on the `/ws` websocket.
+
+Fan-out keeps only the latest state per viewer: each viewer's task sleeps until the feed
+has a newer version than the one it last sent, then sends one frame that brings it up to
+date (an update if it is one version behind, a full snapshot otherwise). A slow viewer
+therefore skips versions instead of growing a queue, and never slows the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import mimetypes
+from http import HTTPStatus
+from pathlib import Path
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .feed import Feed
+
+log = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+class TickerServer:
+    """The feed, the viewers and the HTTP/websocket endpoint around them."""
+
+    def __init__(self, *, web_dir: Path = WEB_DIR, push_hz: float = 10.0,
+                 max_message_bytes: int = 4096) -> None:
+        if push_hz <= 0:
+            raise ValueError(f"push_hz={push_hz}: must be positive")
+        self.feed = Feed()
+        self.web_dir = web_dir.resolve()
+        self.push_interval = 1.0 / push_hz
+        self.max_message_bytes = max_message_bytes
+        self._changed = asyncio.Event()
+        self.viewers = 0
+
+    def receive_totals(self, totals: dict) -> None:
+        self.feed.receive(totals)
+
+    async def run_pusher(self) -> None:
+        """Fold received totals into a new version at most `push_hz` times a second."""
+        while True:
+            if self.feed.publish():
+                changed, self._changed = self._changed, asyncio.Event()
+                changed.set()
+            await asyncio.sleep(self.push_interval)
+
+    async def serve(self, host: str, port: int) -> Server:
+        return await serve(self._viewer, host, port, process_request=self._http,
+                           compression=None, max_size=self.max_message_bytes,
+                           server_header="gmv-ticker")
+
+    async def _viewer(self, ws: ServerConnection) -> None:
+        self.viewers += 1
+        sender = asyncio.create_task(self._send_latest(ws), name="viewer-send")
+        try:
+            async for _ in ws:  # viewers cannot change anything: drain and ignore
+                pass
+        except ConnectionClosed:
+            pass
+        finally:
+            sender.cancel()
+            self.viewers -= 1
+
+    async def _send_latest(self, ws: ServerConnection) -> None:
+        sent = 0
+        try:
+            while True:
+                while self.feed.seq == sent:
+                    await self._changed.wait()
+                seq, frame = self.feed.seq, self.feed.frame_for(sent)
+                await ws.send(frame, text=True)
+                sent = seq
+        except ConnectionClosed:
+            pass
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        path = request.path.split("?", 1)[0]
+        if path == "/ws":
+            return None  # go on with the websocket handshake
+        if path == "/api/totals":
+            return _response(HTTPStatus.OK, self.feed.snapshot_frame, "application/json")
+        name = "index.html" if path == "/" else path.lstrip("/")
+        file = (self.web_dir / name).resolve()
+        if file.parent != self.web_dir or not file.is_file():
+            return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+        kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+        return _response(HTTPStatus.OK, file.read_bytes(), kind)
+
+
+def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
+    headers = Headers([("Content-Type", f"{content_type}; charset=utf-8"),
+                       ("Content-Length", str(len(body))),
+                       ("Cache-Control", "no-cache")])
+    return Response(status.value, status.phrase, headers, body)

@@ -1,0 +1,200 @@
+"""Order-batch codec, wire format v1: one `encode`, one `decode`, every validity rule here.
+
+A batch is one producer's orders for one simulated minute, as equal-length columns.
+Two encodings, told apart by their first bytes (see docs/wire-format.md):
+
+* binary  -- starts with the magic ``b"GMVB"``: a 24-byte little-endian header, the producer
+  id padded to 8 bytes, then the raw columns (amount int64, brand uint32, country uint8,
+  platform uint8). Decoding is `np.frombuffer` views: no copy, no per-order Python work.
+* JSON    -- starts with ``{`` (after optional whitespace): one object with the same fields
+  and the columns as arrays; for people, scripts and `mosquitto_pub`.
+
+`decode` either returns a fully valid `OrderBatch` or raises `BatchError` with a short reason
+code (``BatchError.reason``) used to count rejections. It never applies anything partially.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+MAGIC = b"GMVB"
+VERSION = 1
+_HEADER = struct.Struct("<4sBBHIQI")  # magic, version, flags, producer_len, n, seq, minute
+_COLUMNS = (("amount_cents", "<i8"), ("brand", "<u4"), ("country", "u1"), ("platform", "u1"))
+
+MAX_PRODUCER_LEN = 64
+MAX_SEQ = 2**63 - 1
+
+
+class BatchError(ValueError):
+    """A producer sent a batch that is not valid wire format v1 (the producer's fault)."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the receiving side accepts; every rule about value ranges lives here."""
+
+    n_brands: int
+    n_minutes: int
+    n_countries: int
+    n_platforms: int
+    max_batch_orders: int = 1_000_000
+    max_order_cents: int = 100_000_000  # USD 1M for one order is already absurd
+
+    def __post_init__(self) -> None:
+        for name in ("n_brands", "n_minutes", "n_countries", "n_platforms",
+                     "max_batch_orders", "max_order_cents"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name}={value!r}: must be a positive integer")
+        if self.n_countries > 256 or self.n_platforms > 256:
+            raise ValueError("n_countries and n_platforms must be at most 256 (uint8 columns)")
+
+    @property
+    def max_payload_bytes(self) -> int:
+        # A JSON column of n integers needs at most ~21 bytes per value.
+        return 4096 + self.max_batch_orders * 64
+
+
+@dataclass(frozen=True, eq=False)
+class OrderBatch:
+    producer: str
+    seq: int
+    minute: int
+    amount_cents: np.ndarray  # int64
+    brand: np.ndarray  # uint32
+    country: np.ndarray  # uint8
+    platform: np.ndarray  # uint8
+
+    def __len__(self) -> int:
+        return len(self.amount_cents)
+
+    @property
+    def gmv_cents(self) -> int:
+        return int(self.amount_cents.sum())
+
+
+def encode(batch: OrderBatch, *, binary: bool = True) -> bytes:
+    """Serialise a batch; the inverse of `decode`."""
+    if binary:
+        producer = batch.producer.encode()
+        pad = b"\0" * (-len(producer) % 8)
+        header = _HEADER.pack(MAGIC, VERSION, 0, len(producer), len(batch), batch.seq, batch.minute)
+        columns = [np.ascontiguousarray(getattr(batch, name), dtype=dt).tobytes()
+                   for name, dt in _COLUMNS]
+        return b"".join([header, producer, pad, *columns])
+    return orjson.dumps({
+        "v": VERSION,
+        "producer": batch.producer,
+        "seq": batch.seq,
+        "minute": batch.minute,
+        "amount_cents": batch.amount_cents,
+        "brand": batch.brand,
+        "country": batch.country,
+        "platform": batch.platform,
+    }, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def decode(payload: bytes, limits: Limits) -> OrderBatch:
+    """Parse and validate one batch, or raise `BatchError`."""
+    if len(payload) > limits.max_payload_bytes:
+        raise BatchError("oversized", f"{len(payload)} bytes > {limits.max_payload_bytes}")
+    if payload[:4] == MAGIC:
+        batch = _decode_binary(payload, limits)
+    elif payload.lstrip()[:1] == b"{":
+        batch = _decode_json(payload, limits)
+    else:
+        raise BatchError("unknown_encoding", f"first bytes {payload[:8]!r}")
+    _check_values(batch, limits)
+    return batch
+
+
+def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
+    if len(payload) < _HEADER.size:
+        raise BatchError("truncated", f"{len(payload)} bytes, header needs {_HEADER.size}")
+    _, version, _flags, plen, n, seq, minute = _HEADER.unpack_from(payload)
+    if version != VERSION:
+        raise BatchError("bad_version", f"version {version}")
+    if n > limits.max_batch_orders:
+        raise BatchError("oversized", f"{n} orders > {limits.max_batch_orders}")
+    offset = _HEADER.size + plen + (-plen % 8)
+    expected = offset + n * (8 + 4 + 1 + 1)
+    if len(payload) != expected:
+        raise BatchError("bad_length", f"{len(payload)} bytes, {n} orders need {expected}")
+    try:
+        producer = payload[_HEADER.size:_HEADER.size + plen].decode()
+    except UnicodeDecodeError:
+        raise BatchError("bad_producer", "producer id is not UTF-8") from None
+    columns = {}
+    for name, dtype in _COLUMNS:
+        column = np.frombuffer(payload, dtype=dtype, count=n, offset=offset)
+        columns[name] = column
+        offset += column.nbytes
+    return OrderBatch(producer, seq, minute, **columns)
+
+
+def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BatchError("bad_json", str(exc)) from None
+    if not isinstance(doc, dict):
+        raise BatchError("bad_json", "top level is not an object")
+    if doc.get("v") != VERSION:
+        raise BatchError("bad_version", f"v={doc.get('v')!r}")
+    producer, seq, minute = doc.get("producer"), doc.get("seq"), doc.get("minute")
+    if not isinstance(producer, str):
+        raise BatchError("bad_producer", f"producer={producer!r}")
+    for name, value in (("seq", seq), ("minute", minute)):
+        if type(value) is not int:
+            raise BatchError("bad_type", f"{name}={value!r} is not an integer")
+    columns = {}
+    for name, dtype in _COLUMNS:
+        column = doc.get(name)
+        if not isinstance(column, list):
+            raise BatchError("missing_column", f"{name} is not a list")
+        if len(column) > limits.max_batch_orders:
+            raise BatchError("oversized", f"{len(column)} orders > {limits.max_batch_orders}")
+        # Only exact ints: floats (even 3.0), bools, null and strings are rejected.
+        # (orjson already refuses NaN and Infinity as JSON.) set(map(type)) runs in C.
+        if column and set(map(type, column)) != {int}:
+            bad = next(v for v in column if type(v) is not int)
+            raise BatchError("bad_type", f"{name} holds {bad!r}")
+        try:
+            columns[name] = np.array(column, dtype=np.int64)
+        except OverflowError:
+            raise BatchError("out_of_range", f"{name} holds an integer beyond 64 bits") from None
+    return OrderBatch(producer, seq, minute, **columns)
+
+
+def _check_values(batch: OrderBatch, limits: Limits) -> None:
+    n = len(batch.amount_cents)
+    if any(len(getattr(batch, name)) != n for name, _ in _COLUMNS):
+        raise BatchError("unequal_columns", "columns differ in length")
+    if n == 0:
+        raise BatchError("empty", "a batch holds at least one order")
+    if not batch.producer or len(batch.producer) > MAX_PRODUCER_LEN:
+        raise BatchError("bad_producer", f"producer id must be 1-{MAX_PRODUCER_LEN} characters")
+    if not 0 <= batch.seq <= MAX_SEQ:
+        raise BatchError("out_of_range", f"seq={batch.seq}")
+    if not 0 <= batch.minute < limits.n_minutes:
+        raise BatchError("out_of_range", f"minute={batch.minute} outside 0..{limits.n_minutes - 1}")
+    amount = batch.amount_cents
+    if amount.min() <= 0 or amount.max() > limits.max_order_cents:
+        raise BatchError("bad_amount",
+                         f"amounts must be 1..{limits.max_order_cents} cents, "
+                         f"got {amount.min()}..{amount.max()}")
+    for name, bound in (("brand", limits.n_brands), ("country", limits.n_countries),
+                        ("platform", limits.n_platforms)):
+        column = getattr(batch, name)
+        if column.min() < 0 or column.max() >= bound:
+            raise BatchError("unknown_id", f"{name} ids must be 0..{bound - 1}")
+
