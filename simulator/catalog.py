@@ -8,8 +8,8 @@ import numpy as np
 
 from ticker.dimensions import COUNTRIES
 
-# Relative weight of each overseas country among overseas brands, United States first
-# (facts G02, G03 name the US the top country selling to China, then the rest in this order).
+# Each overseas country's share of overseas brands and of overseas GMV. The United States
+# leads (facts G02, G03 name it the top country selling to China); the rest are a first guess.
 OVERSEAS_MIX = {"US": 0.24, "AU": 0.10, "CA": 0.06, "FR": 0.08, "DE": 0.08, "IT": 0.06,
                 "JP": 0.12, "KR": 0.09, "NZ": 0.04, "GB": 0.07, "XX": 0.06}
 
@@ -29,6 +29,9 @@ class Catalog:
         return np.searchsorted(self.popularity_cdf, u, side="right").astype(np.uint32)
 
 
+OVERSEAS_GMV_SHARE = 0.12
+
+
 def build_catalog(n_brands: int, n_overseas: int, seed: int, zipf_s: float = 1.0) -> Catalog:
     if not 0 < n_brands < 2**32:
         raise ValueError(f"n_brands={n_brands}: must be positive")
@@ -41,7 +44,14 @@ def build_catalog(n_brands: int, n_overseas: int, seed: int, zipf_s: float = 1.0
     mix = np.array(list(OVERSEAS_MIX.values()))
     ids = np.array([codes.index(code) for code in OVERSEAS_MIX], np.uint8)
     country[overseas] = ids[rng.choice(len(ids), size=n_overseas, p=mix / mix.sum())]
-    # Zipf popularity over a random ranking, so popularity is independent of id and country.
+    # Zipf popularity over a random ranking, then each country's brands scaled to its share,
+    # so one lucky giant brand cannot reorder the countries.
     rank = rng.permutation(n_brands) + 1
     popularity = rank.astype(np.float64) ** -zipf_s
+    shares = dict(zip(ids.tolist(), (mix / mix.sum() * OVERSEAS_GMV_SHARE).tolist()))
+    shares[0] = 1.0 - OVERSEAS_GMV_SHARE if n_overseas < n_brands else 0.0
+    for country_id, share in shares.items():
+        members = country == country_id
+        if members.any():
+            popularity[members] *= share / popularity[members].sum()
     return Catalog(country=country, popularity_cdf=np.cumsum(popularity))

@@ -195,6 +195,7 @@ function render() {
 function renderClock(simTime, minute, win) {
   const t = parseWallClock(simTime);
   setText($('clock'), t ? `${MONTHS[t.mo - 1]} ${t.d} · ${t.hh}:${t.mm}` : 'waiting for data');
+  $('clock').classList.toggle('pending', !t);
   const total = isInt(win.minutes) && win.minutes > 0 ? win.minutes : 0;
   const days = Math.ceil(total / 1440);
   const day = isInt(minute) && total ? Math.min(days, Math.floor(minute / 1440) + 1) : 0;
@@ -297,7 +298,7 @@ function connect() {
     setStatus('live');
   };
   ws.onmessage = (ev) => handleMessage(ev.data);
-  ws.onerror = () => ws.close(); // 'close' always follows; retry is scheduled there
+  // No onerror handler: 'close' always follows 'error', so retrying lives there.
   ws.onclose = () => {
     if (socket !== ws) return; // ignore stale sockets
     socket = null;

@@ -1,0 +1,111 @@
+"""Shared fixtures: a real Mosquitto of our own on a free port, unique topics, a running pipeline.
+
+No broker or socket is mocked. The session's Mosquitto is started from the `mosquitto`
+binary (scripts/test installs it where missing) with its own config, so port 1883 and the
+machine's broker are never touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ticker.dimensions import FESTIVAL_2020
+from ticker.mqtt import BrokerSettings, Topics, run_aggregator, watch_totals
+from ticker.server import TickerServer
+from ticker.state import AggregateState
+from ticker.wire import Limits
+
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSettings]:
+    """A Mosquitto broker of the test session's own, on a free port of 127.0.0.1."""
+    if not Path(MOSQUITTO).exists():
+        pytest.fail("mosquitto is not installed: run scripts/test, which installs it")
+    port = free_port()
+    conf = tmp_path_factory.mktemp("mosquitto") / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    "max_queued_messages 100000\nlog_dest none\n")
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)])
+    try:
+        wait_for_port(port)
+        yield BrokerSettings("127.0.0.1", port)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def topics() -> Topics:
+    """A topic prefix no other test uses, so tests never see each other's messages."""
+    return Topics(f"test/{uuid.uuid4().hex[:12]}")
+
+
+def festival_limits() -> Limits:
+    return Limits(n_brands=250_000, n_minutes=FESTIVAL_2020.minutes, n_countries=12,
+                  n_platforms=3, max_order_cents=10**10)
+
+
+@dataclass
+class Pipeline:
+    state: AggregateState
+    server: TickerServer
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/"
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(broker: BrokerSettings, topics: Topics) -> AsyncIterator[Pipeline]:
+    """Aggregator and ticker server (port 0) running in this event loop against `broker`."""
+    state = AggregateState(festival_limits())
+    server = TickerServer(push_hz=20)
+    agg_ready, watch_ready = asyncio.Event(), asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_aggregator(broker, topics, state, FESTIVAL_2020,
+                                           interval=0.05, ready=agg_ready)),
+        asyncio.create_task(watch_totals(broker, topics, server.receive_totals,
+                                         ready=watch_ready)),
+        asyncio.create_task(server.run_pusher()),
+    ]
+    ws_server = await server.serve("127.0.0.1", 0)
+    try:
+        async with asyncio.timeout(10):
+            await agg_ready.wait()
+            await watch_ready.wait()
+        yield Pipeline(state, server, ws_server.sockets[0].getsockname()[1])
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ws_server.close()
+        await ws_server.wait_closed()

@@ -1,0 +1,78 @@
+"""The ticker page in a real Chromium (Debian's, driven by Playwright) reads the exact total."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from simulator.publisher import publish_scenario
+from simulator.scenario import FESTIVAL_2020_SCENARIO
+from ticker.mqtt import connect
+
+from .conftest import running_pipeline
+
+pytestmark = pytest.mark.browser
+playwright = pytest.importorskip("playwright.async_api")
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--no-first-run"]
+SCENARIO = dataclasses.replace(FESTIVAL_2020_SCENARIO, order_scale=0.0001)
+
+
+@pytest.fixture
+async def page():
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/test, which installs chromium")
+    async with playwright.async_playwright() as p:
+        browser = await p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = await browser.new_page(viewport={"width": 1920, "height": 1080})
+        errors: list[str] = []
+        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        yield page
+        await browser.close()
+        assert errors == []
+
+
+async def test_page_shows_the_exact_festival_total(mosquitto, topics, page):
+    """After a full-speed replay the page shows $74,100,000,000.00 and the final clock."""
+    async with running_pipeline(mosquitto, topics) as pipeline:
+        await page.goto(pipeline.url)
+        await page.wait_for_selector("#status[data-state=live]", timeout=10_000)
+        async with connect(mosquitto) as client:
+            report = await publish_scenario(client, SCENARIO, topics, producer="browser",
+                                            speed=None)
+        gmv = page.locator("#gmv")
+        await playwright.expect(gmv).to_have_attribute("data-cents", str(report.gmv_cents),
+                                                       timeout=30_000)
+        await playwright.expect(gmv).to_have_text("$74,100,000,000.00", timeout=5_000)
+        await playwright.expect(page.locator("#clock")).to_have_text("Nov 11 · 23:59")
+        await playwright.expect(page.locator("#orders")).to_have_text(f"{report.orders:,}")
+        brands = pipeline.state.snapshot()["brands_active"]
+        await playwright.expect(page.locator("#brands")).to_have_text(f"{brands:,}")
+        top = page.locator("#countries li.row").first
+        await playwright.expect(top).to_have_attribute("data-code", "US")
+    assert report.gmv_cents == pipeline.state.gmv_cents == SCENARIO.gmv_cents
+
+
+async def test_page_reconnects_after_the_server_restarts(mosquitto, topics, page):
+    """When the ticker server goes away the page says so, and it comes back live by itself."""
+    async with running_pipeline(mosquitto, topics) as pipeline:
+        await page.goto(pipeline.url)
+        status = page.locator("#status")
+        await playwright.expect(status).to_have_attribute("data-state", "live", timeout=10_000)
+        port = pipeline.port
+    await playwright.expect(status).to_have_attribute("data-state", "reconnecting",
+                                                      timeout=10_000)
+    # A new server on the same port: the page must find it without a reload.
+    from ticker.server import TickerServer
+    server = TickerServer()
+    ws_server = await server.serve("127.0.0.1", port)
+    try:
+        await playwright.expect(status).to_have_attribute("data-state", "live", timeout=15_000)
+    finally:
+        ws_server.close()
+        await ws_server.wait_closed()

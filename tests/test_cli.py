@@ -1,0 +1,103 @@
+"""The `gmv` command: clear one-line errors, and each part as its own process."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import orjson
+import pytest
+
+from ticker.cli import main
+
+from .conftest import free_port, wait_for_port
+
+GMV = [sys.executable, "-m", "ticker.cli"]
+TOTAL = 7_410_000_000_000
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["demo", "--speed", "fast"], "--speed: must be a positive number or 'max', not 'fast'"),
+    (["demo", "--speed", "-3"], "--speed: must be a positive number or 'max'"),
+    (["demo", "--port", "70000"], "--port: must be 0-65535, not '70000'"),
+    (["demo", "--order-scale", "2"], "--order-scale: must be a number in (0, 1]"),
+    (["simulate"], "the following arguments are required: --broker"),
+    (["simulate", "--broker", "http://x"], "--broker=http://x: expected mqtt://HOST:PORT"),
+    (["simulate", "--broker", "mqtt://h:99999"], "--broker=mqtt://h:99999: the port must be"),
+    (["simulate", "--broker", "mqtt://h", "--scenario", "1999"], "invalid choice: '1999'"),
+    (["bogus"], "invalid choice: 'bogus'"),
+])
+def test_bad_setting_exits_2_with_one_line_naming_it(argv, message, capsys):
+    """A bad option prints one `gmv: error:` line naming the setting, and no traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("gmv: error: ") and message in err
+
+
+def test_unreachable_broker_exits_1_with_the_url(capsys):
+    """A broker that is not there is reported by URL in one line."""
+    port = free_port()
+    assert main(["simulate", "--broker", f"mqtt://127.0.0.1:{port}"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"mqtt://127.0.0.1:{port}" in err
+
+
+def get_totals(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/totals", timeout=5) as r:
+        return orjson.loads(r.read())
+
+
+def wait_totals(port: int, done, timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        totals = get_totals(port)
+        if done(totals):
+            return totals
+        time.sleep(0.2)
+    raise AssertionError(f"totals never reached the expected state: {totals}")
+
+
+def test_separate_processes_conserve_the_total(mosquitto, topics, capsys):
+    """`gmv aggregate`, `gmv serve` and `gmv simulate` as processes agree to the cent."""
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    port = free_port()
+    procs = [subprocess.Popen(GMV + ["aggregate", *broker]),
+             subprocess.Popen(GMV + ["serve", *broker, "--port", str(port)])]
+    try:
+        wait_for_port(port)
+        time.sleep(0.5)  # let the aggregator subscribe
+        assert main(["simulate", *broker, "--order-scale", "0.0001", "--json"]) == 0
+        report = orjson.loads(capsys.readouterr().out)
+        totals = wait_totals(port, lambda t: t["gmv_cents"] == TOTAL and t["minute"] == 15839)
+        assert report["gmv_cents"] == TOTAL and totals["orders"] == report["orders"]
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            assert proc.wait(10) in (0, -signal.SIGTERM)
+
+
+def test_demo_runs_everything_in_one_process_and_stops_on_ctrl_c():
+    """`gmv demo` starts its own broker, replays the festival, serves the total, exits 0 on ^C."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    demo = subprocess.Popen(GMV + ["demo", "--speed", "max", "--port", "0",
+                                   "--order-scale", "0.0001"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = demo.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        assert match, line
+        totals = wait_totals(int(match.group(1)), lambda t: t["gmv_cents"] == TOTAL
+                             and t["minute"] == 15839)
+        assert totals["stats"]["rejected"] == 0 and totals["stats"]["gaps"] == 0
+        assert "replay done" in demo.stdout.readline()
+    finally:
+        demo.send_signal(signal.SIGINT)
+        out, err = demo.communicate(timeout=15)
+    assert demo.returncode == 0, err
+    assert "Traceback" not in err and "stopped" in err

@@ -1,0 +1,83 @@
+"""The whole pipeline through a real Mosquitto: simulator -> aggregator -> server -> websocket."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+
+import orjson
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+
+from simulator.publisher import publish_scenario
+from simulator.scenario import FESTIVAL_2020_SCENARIO
+from ticker.mqtt import connect
+
+from .conftest import running_pipeline
+
+SCENARIO = dataclasses.replace(FESTIVAL_2020_SCENARIO, order_scale=0.0001)
+
+
+async def watch_until(port: int, done, timeout: float = 60.0) -> dict:
+    """Follow the websocket like a page does (snapshot, then updates) until `done(view)`."""
+    view: dict = {}
+    async with asyncio.timeout(timeout), ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+        async for frame in ws:
+            message = orjson.loads(frame)
+            if message["type"] == "snapshot":
+                view = message
+            else:
+                assert message["type"] == "update" and message["seq"] == view["seq"] + 1
+                view.update(message)
+            if done(view):
+                return view
+    raise AssertionError("websocket closed early")
+
+
+@pytest.mark.parametrize("encoding", ["binary", "json"])
+async def test_published_equals_aggregated_equals_shown(mosquitto, topics, encoding):
+    """A full-speed replay of the 11 days conserves GMV and orders to the cent end to end."""
+    async with running_pipeline(mosquitto, topics) as pipeline:
+        watcher = asyncio.create_task(watch_until(
+            pipeline.port, lambda v: v["gmv_cents"] == SCENARIO.gmv_cents and v["minute"] == 15839))
+        async with connect(mosquitto) as client:
+            report = await publish_scenario(client, SCENARIO, topics, producer="conservation",
+                                            speed=None, binary=encoding == "binary")
+        shown = await watcher
+    expected_orders = int(SCENARIO.minute_orders.sum())
+    assert report.gmv_cents == pipeline.state.gmv_cents == shown["gmv_cents"] \
+        == SCENARIO.gmv_cents == 7_410_000_000_000
+    assert report.orders == pipeline.state.orders == shown["orders"] == expected_orders
+    assert shown["stats"] == {"batches": report.batches, "rejected": 0, "duplicates": 0,
+                              "gaps": 0, "shards": 1}
+    assert sum(p["gmv_cents"] for p in shown["platforms"]) == SCENARIO.gmv_cents
+    assert sum(c["gmv_cents"] for c in shown["countries"]) == SCENARIO.gmv_cents
+    assert shown["sim_time"] == "2020-11-11T23:59:00+08:00"
+
+
+async def test_republished_batches_are_not_counted_twice(mosquitto, topics):
+    """Publishing the same producer's minutes twice (at-least-once redelivery) adds nothing."""
+    async with running_pipeline(mosquitto, topics) as pipeline:
+        async with connect(mosquitto) as client:
+            for _ in range(2):
+                first = await publish_scenario(client, SCENARIO, topics, producer="again",
+                                               speed=None, last_minute=59)
+        shown = await watch_until(pipeline.port, lambda v: v["stats"]["duplicates"] == 60)
+    assert shown["gmv_cents"] == first.gmv_cents == int(SCENARIO.minute_gmv_cents[:60].sum())
+    assert shown["stats"]["batches"] == first.batches
+
+
+async def test_bad_batch_is_rejected_counted_and_dead_lettered(mosquitto, topics):
+    """A malformed batch is refused whole, counted by reason, and republished as dead letter."""
+    bad = b'{"v":1,"producer":"p","seq":0,"minute":0,"amount_cents":[100,-5],' \
+          b'"brand":[1,2],"country":[0,0],"platform":[0,0]}'
+    async with running_pipeline(mosquitto, topics) as pipeline, connect(mosquitto) as client:
+        await client.subscribe(topics.rejected("+"), qos=1)
+        await client.publish(topics.orders(0), bad, qos=1)
+        async with asyncio.timeout(10):
+            message = await anext(aiter(client.messages))
+        shown = await watch_until(pipeline.port, lambda v: v["stats"]["rejected"] == 1)
+    assert str(message.topic) == topics.rejected("bad_amount")
+    assert message.payload == bad
+    assert pipeline.state.rejected == {"bad_amount": 1}
+    assert shown["gmv_cents"] == 0 and shown["orders"] == 0
