@@ -226,8 +226,8 @@ async def _demo(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
                     client, _scenario(args), topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
                     speed=args.speed, batch_orders=args.batch_orders,
                     binary=args.encoding == "binary")
-            print(f"replay done: {report.orders:,} orders, GMV {_usd(report.gmv_cents)}; "
-                  "the ticker stays up until Ctrl-C", flush=True)
+            print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
+                  f"GMV {_usd(report.gmv_cents)}; the ticker stays up until Ctrl-C", flush=True)
     return 0
 
 

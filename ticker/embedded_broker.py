@@ -16,7 +16,9 @@ Strategy: each connection's reader routes its PUBLISHes inline, one at a time, s
 publisher's messages reach every subscriber in order. Every connection has its own sender
 task that writes and ``drain()``s from its own queues, so a slow subscriber slows only
 itself: its QoS 0 backlog is bounded (oldest dropped, counted) and a QoS>=1 backlog past
-the bound pauses the publishers feeding it (backpressure) rather than dropping anything.
+the bound pauses the publishers feeding it (backpressure) rather than dropping anything
+(a session never waits on itself, or it could stop reading its own acknowledgements).
+Routing a message costs one pass over the subscriptions; nothing is quadratic.
 """
 
 from __future__ import annotations
@@ -470,7 +472,8 @@ class EmbeddedBroker:
         if name not in _PROTOCOL_LEVELS or connect_flags & 0x01:
             raise _ProtocolError(f"bad CONNECT (protocol {name!r}, flags {connect_flags:#x})")
         if level != _PROTOCOL_LEVELS[name]:
-            return await self._refuse(writer, 1)  # unacceptable protocol version
+            await self._refuse(writer, 1)  # unacceptable protocol version
+            return None
         clean = bool(connect_flags & 0x02)
         client_id = body.text()
         if connect_flags & 0x04:  # will topic and message: parsed, not supported
@@ -481,7 +484,8 @@ class EmbeddedBroker:
             body.binary()
         if not client_id:
             if not clean:
-                return await self._refuse(writer, 2)  # identifier rejected
+                await self._refuse(writer, 2)  # identifier rejected
+                return None
             client_id = f"auto-{uuid.uuid4().hex}"
         while (old := self._sessions.get(client_id)) is not None and old.connection is not None:
             await old.connection.close()  # takeover: the older connection goes

@@ -53,10 +53,13 @@ class Limits:
         for name in ("n_brands", "n_minutes", "n_countries", "n_platforms",
                      "max_batch_orders", "max_order_cents"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if type(value) is not int or value <= 0:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
         if self.n_countries > 256 or self.n_platforms > 256:
             raise ValueError("n_countries and n_platforms must be at most 256 (uint8 columns)")
+        if self.max_batch_orders * self.max_order_cents >= 2**62:
+            raise ValueError("max_batch_orders x max_order_cents must stay below 2**62 "
+                             "so that no batch sum can overflow int64")
 
     @property
     def max_payload_bytes(self) -> int:
@@ -120,9 +123,11 @@ def decode(payload: bytes, limits: Limits) -> OrderBatch:
 def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
     if len(payload) < _HEADER.size:
         raise BatchError("truncated", f"{len(payload)} bytes, header needs {_HEADER.size}")
-    _, version, _flags, plen, n, seq, minute = _HEADER.unpack_from(payload)
+    _, version, flags, plen, n, seq, minute = _HEADER.unpack_from(payload)
     if version != VERSION:
         raise BatchError("bad_version", f"version {version}")
+    if flags != 0:
+        raise BatchError("bad_version", f"flags {flags:#04x}: version 1 defines none")
     if n > limits.max_batch_orders:
         raise BatchError("oversized", f"{n} orders > {limits.max_batch_orders}")
     offset = _HEADER.size + plen + (-plen % 8)
@@ -133,6 +138,8 @@ def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
         producer = payload[_HEADER.size:_HEADER.size + plen].decode()
     except UnicodeDecodeError:
         raise BatchError("bad_producer", "producer id is not UTF-8") from None
+    if payload[_HEADER.size + plen:offset].strip(b"\0"):
+        raise BatchError("bad_length", "padding after the producer id must be NUL bytes")
     columns = {}
     for name, dtype in _COLUMNS:
         column = np.frombuffer(payload, dtype=dtype, count=n, offset=offset)
@@ -146,9 +153,7 @@ def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
         raise BatchError("bad_json", str(exc)) from None
-    if not isinstance(doc, dict):
-        raise BatchError("bad_json", "top level is not an object")
-    if doc.get("v") != VERSION:
+    if type(doc.get("v")) is not int or doc["v"] != VERSION:
         raise BatchError("bad_version", f"v={doc.get('v')!r}")
     producer, seq, minute = doc.get("producer"), doc.get("seq"), doc.get("minute")
     if not isinstance(producer, str):
@@ -181,8 +186,9 @@ def _check_values(batch: OrderBatch, limits: Limits) -> None:
         raise BatchError("unequal_columns", "columns differ in length")
     if n == 0:
         raise BatchError("empty", "a batch holds at least one order")
-    if not batch.producer or len(batch.producer) > MAX_PRODUCER_LEN:
-        raise BatchError("bad_producer", f"producer id must be 1-{MAX_PRODUCER_LEN} characters")
+    if not 0 < len(batch.producer) <= MAX_PRODUCER_LEN or not batch.producer.isprintable():
+        raise BatchError("bad_producer",
+                         f"producer id must be 1-{MAX_PRODUCER_LEN} printable characters")
     if not 0 <= batch.seq <= MAX_SEQ:
         raise BatchError("out_of_range", f"seq={batch.seq}")
     if not 0 <= batch.minute < limits.n_minutes:
