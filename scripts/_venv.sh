@@ -10,8 +10,13 @@ ensure_venv() {
     "$python" -m venv .venv || { echo "error: '$python -m venv' failed (on Debian: apt-get install python3-venv)" >&2; exit 1; }
   fi
   if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q -e ".${extras:+[$extras]}"
+    echo "setting up .venv (${extras:-base} dependencies); log in .venv/install.log" >&2
+    if ! { .venv/bin/python -m pip install --upgrade pip &&
+           .venv/bin/python -m pip install -e ".${extras:+[$extras]}"; } > .venv/install.log 2>&1; then
+      tail -n 20 .venv/install.log >&2
+      echo "error: installing the Python dependencies failed (full log: .venv/install.log)" >&2
+      exit 1
+    fi
     touch "$stamp"
   fi
 }
