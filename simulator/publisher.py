@@ -2,7 +2,8 @@
 
 Minute m of the replay is due at `t0 + (m - first) * 60 / speed` on the monotonic clock:
 an absolute schedule, so time spent generating and publishing never accumulates as drift.
-At `speed=None` ("max") nothing waits. QoS 1 publishes are pipelined up to `max_inflight`.
+At `speed=None` ("max") nothing waits. Publishing goes through a `ReliablePublisher`, which
+pipelines QoS 1 messages and re-sends whatever a lost connection left unacknowledged.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ticker.mqtt import Topics
+from ticker.mqtt import ReliablePublisher, Topics
 from ticker.wire import OrderBatch, encode
 
 from .scenario import Scenario
@@ -28,16 +29,15 @@ class PublishReport:
     seconds: float = 0.0
 
 
-async def publish_scenario(client, scenario: Scenario, topics: Topics, *, producer: str,
-                           speed: float | None, batch_orders: int = 10_000,
+async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, topics: Topics,
+                           *, producer: str, speed: float | None, batch_orders: int = 10_000,
                            binary: bool = True, first_minute: int = 0,
-                           last_minute: int | None = None, max_inflight: int = 32,
+                           last_minute: int | None = None,
                            progress: Callable[[PublishReport], None] | None = None,
                            clock: Callable[[], float] = time.monotonic) -> PublishReport:
     """Publish minutes `first_minute..last_minute` of `scenario`; return what was sent."""
     last = scenario.window.minutes - 1 if last_minute is None else last_minute
     report = PublishReport(producer)
-    pending: set[asyncio.Task] = set()
     t0 = clock()
     seq = 0
     for minute in range(first_minute, last + 1):
@@ -51,19 +51,13 @@ async def publish_scenario(client, scenario: Scenario, topics: Topics, *, produc
             batch = OrderBatch(producer, seq, minute, part.amount_cents, part.brand,
                                part.country, part.platform)
             seq += 1
-            if len(pending) >= max_inflight:
-                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    task.result()  # a failed publish ends the run loudly
-            pending.add(asyncio.ensure_future(
-                client.publish(topics.orders(0), encode(batch, binary=binary), qos=1)))
+            await publisher.send(topics.orders(0), encode(batch, binary=binary))
             report.gmv_cents += batch.gmv_cents
             report.orders += len(batch)
             report.batches += 1
         report.minutes += 1
         if progress is not None:
             progress(report)
-    if pending:
-        await asyncio.gather(*pending)
+    await publisher.flush()
     report.seconds = clock() - t0
     return report

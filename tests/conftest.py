@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 from ticker.dimensions import FESTIVAL_2020
-from ticker.mqtt import BrokerSettings, Topics, run_aggregator, watch_totals
+from ticker.aggregator import Aggregator
+from ticker.mqtt import BrokerSettings, Topics, watch_totals
 from ticker.server import TickerServer
 from ticker.state import AggregateState
 from ticker.wire import Limits
@@ -75,9 +76,13 @@ def festival_limits() -> Limits:
 
 @dataclass
 class Pipeline:
-    state: AggregateState
+    aggregator: Aggregator
     server: TickerServer
     port: int
+
+    @property
+    def state(self) -> AggregateState:
+        return self.aggregator.state
 
     @property
     def url(self) -> str:
@@ -87,12 +92,12 @@ class Pipeline:
 @contextlib.asynccontextmanager
 async def running_pipeline(broker: BrokerSettings, topics: Topics) -> AsyncIterator[Pipeline]:
     """Aggregator and ticker server (port 0) running in this event loop against `broker`."""
-    state = AggregateState(festival_limits())
+    aggregator = Aggregator(broker, topics, festival_limits(), FESTIVAL_2020,
+                            totals_interval=0.05)
     server = TickerServer(push_hz=20)
-    agg_ready, watch_ready = asyncio.Event(), asyncio.Event()
+    watch_ready = asyncio.Event()
     tasks = [
-        asyncio.create_task(run_aggregator(broker, topics, state, FESTIVAL_2020,
-                                           interval=0.05, ready=agg_ready)),
+        asyncio.create_task(aggregator.run()),
         asyncio.create_task(watch_totals(broker, topics, server.receive_totals,
                                          ready=watch_ready)),
         asyncio.create_task(server.run_pusher()),
@@ -100,9 +105,9 @@ async def running_pipeline(broker: BrokerSettings, topics: Topics) -> AsyncItera
     ws_server = await server.serve("127.0.0.1", 0)
     try:
         async with asyncio.timeout(10):
-            await agg_ready.wait()
+            await aggregator.ready.wait()
             await watch_ready.wait()
-        yield Pipeline(state, server, ws_server.sockets[0].getsockname()[1])
+        yield Pipeline(aggregator, server, ws_server.sockets[0].getsockname()[1])
     finally:
         for task in tasks:
             task.cancel()

@@ -9,7 +9,7 @@ import pytest
 
 from simulator.publisher import publish_scenario
 from simulator.scenario import FESTIVAL_2020_SCENARIO
-from ticker.mqtt import connect
+from ticker.mqtt import ReliablePublisher
 
 from .conftest import running_pipeline
 
@@ -42,8 +42,8 @@ async def test_page_shows_the_exact_festival_total(mosquitto, topics, page):
     async with running_pipeline(mosquitto, topics) as pipeline:
         await page.goto(pipeline.url)
         await page.wait_for_selector("#status[data-state=live]", timeout=10_000)
-        async with connect(mosquitto) as client:
-            report = await publish_scenario(client, SCENARIO, topics, producer="browser",
+        async with ReliablePublisher(mosquitto) as publisher:
+            report = await publish_scenario(publisher, SCENARIO, topics, producer="browser",
                                             speed=None)
         gmv = page.locator("#gmv")
         await playwright.expect(gmv).to_have_attribute("data-cents", str(report.gmv_cents),

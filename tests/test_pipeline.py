@@ -11,7 +11,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from simulator.publisher import publish_scenario
 from simulator.scenario import FESTIVAL_2020_SCENARIO
-from ticker.mqtt import connect
+from ticker.mqtt import ReliablePublisher, connect
 
 from .conftest import running_pipeline
 
@@ -19,11 +19,13 @@ SCENARIO = dataclasses.replace(FESTIVAL_2020_SCENARIO, order_scale=0.0001)
 
 
 async def watch_until(port: int, done, timeout: float = 60.0) -> dict:
-    """Follow the websocket like a page does (snapshot, then updates) until `done(view)`."""
+    """Follow the websocket like a page does (snapshot, updates, heartbeats) until `done(view)`."""
     view: dict = {}
     async with asyncio.timeout(timeout), ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
         async for frame in ws:
             message = orjson.loads(frame)
+            if message["type"] == "heartbeat":
+                continue
             if message["type"] == "snapshot":
                 view = message
             else:
@@ -40,8 +42,8 @@ async def test_published_equals_aggregated_equals_shown(mosquitto, topics, encod
     async with running_pipeline(mosquitto, topics) as pipeline:
         watcher = asyncio.create_task(watch_until(
             pipeline.port, lambda v: v["gmv_cents"] == SCENARIO.gmv_cents and v["minute"] == 15839))
-        async with connect(mosquitto) as client:
-            report = await publish_scenario(client, SCENARIO, topics, producer="conservation",
+        async with ReliablePublisher(mosquitto) as publisher:
+            report = await publish_scenario(publisher, SCENARIO, topics, producer="conservation",
                                             speed=None, binary=encoding == "binary")
         shown = await watcher
     expected_orders = int(SCENARIO.minute_orders.sum())
@@ -58,9 +60,9 @@ async def test_published_equals_aggregated_equals_shown(mosquitto, topics, encod
 async def test_republished_batches_are_not_counted_twice(mosquitto, topics):
     """Publishing the same producer's minutes twice (at-least-once redelivery) adds nothing."""
     async with running_pipeline(mosquitto, topics) as pipeline:
-        async with connect(mosquitto) as client:
+        async with ReliablePublisher(mosquitto) as publisher:
             for _ in range(2):
-                first = await publish_scenario(client, SCENARIO, topics, producer="again",
+                first = await publish_scenario(publisher, SCENARIO, topics, producer="again",
                                                speed=None, last_minute=59)
         shown = await watch_until(pipeline.port, lambda v: v["stats"]["duplicates"] == 60)
     assert shown["gmv_cents"] == first.gmv_cents == int(SCENARIO.minute_gmv_cents[:60].sum())

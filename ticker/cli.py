@@ -9,10 +9,12 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import sys
 import time
 import uuid
 from contextlib import AsyncExitStack
+from pathlib import Path
 
 import orjson
 
@@ -21,9 +23,9 @@ from simulator.scenario import SCENARIOS, Scenario
 
 from .dimensions import FESTIVAL_2020
 from .errors import ConfigError
-from .mqtt import BrokerSettings, Topics, connect, run_aggregator, watch_totals
+from .aggregator import Aggregator
+from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
 from .server import TickerServer
-from .state import AggregateState
 from .wire import Limits
 
 DEMO_MINUTES = 10  # the default demo replays the whole window in about this many minutes
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="MQTT broker URL" + ("" if broker_required else
                                                  " (default: start an embedded broker)"))
         p.add_argument("--prefix", default="gmv/v1", help="topic prefix (default gmv/v1)")
+        p.add_argument("--username", help="MQTT user name")
+        p.add_argument("--password-file", metavar="PATH",
+                       help="file holding the MQTT password (or set GMV_MQTT_PASSWORD)")
+        p.add_argument("--ca-file", metavar="PATH",
+                       help="CA certificate(s) for mqtts:// (default: the system's)")
 
     def simulation(p: argparse.ArgumentParser, default_speed: str) -> None:
         p.add_argument("--scenario", choices=sorted(SCENARIOS), default="2020")
@@ -90,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
         p.add_argument("--port", type=_port, default=default_port,
                        help=f"HTTP/websocket port (default {default_port})")
+        p.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+                       help="accept websockets only from this Origin (repeatable), "
+                            "e.g. https://screens.example.com (default: any)")
 
     demo = commands.add_parser("demo", help="broker, simulator, aggregator and ticker in one")
     common(demo, broker_required=False)
@@ -108,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--shard", default="0", help="shard name (default 0)")
     agg.add_argument("--brands", type=_positive(int, 2**32 - 1), default=250_000,
                      help="brand ids accepted: 0..N-1 (default 250000)")
+    agg.add_argument("--checkpoint", metavar="PATH", type=Path,
+                     help="checkpoint file: restored on start, written atomically; batches are "
+                          "acknowledged only once checkpointed (default: in memory only)")
+    agg.add_argument("--checkpoint-interval", type=_positive(float, 3600), default=1.0,
+                     help="seconds between checkpoints at most (default 1)")
+    agg.add_argument("--max-unacked", type=_positive(int, 65535), default=16,
+                     help="checkpoint when this many batches await acknowledgement; keep it "
+                          "below the broker's max_inflight_messages (default 16)")
 
     srv = commands.add_parser("serve", help="serve the ticker page and websocket")
     common(srv, broker_required=True)
@@ -120,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
-        broker = BrokerSettings.from_url(args.broker) if args.broker else None
+        broker = _broker(args)
         run = {"demo": _demo, "simulate": _simulate, "aggregate": _aggregate,
                "serve": _serve}[args.command]
         return asyncio.run(run(args, broker))
@@ -133,6 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("gmv: stopped", file=sys.stderr)
         return 0
+
+
+def _broker(args: argparse.Namespace) -> BrokerSettings | None:
+    password = os.environ.get("GMV_MQTT_PASSWORD")
+    if args.password_file:
+        try:
+            password = Path(args.password_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"--password-file={args.password_file}: {exc.strerror}") from None
+    if args.ca_file and not Path(args.ca_file).is_file():
+        raise ConfigError(f"--ca-file={args.ca_file}: no such file")
+    if not args.broker:
+        if args.username or password or args.ca_file:
+            raise ConfigError("--username, --password-file and --ca-file need --broker")
+        return None
+    return BrokerSettings.from_url(args.broker, username=args.username, password=password,
+                                   ca_file=args.ca_file)
 
 
 def _scenario(args: argparse.Namespace) -> Scenario:
@@ -164,9 +199,9 @@ def _usd(cents: int) -> str:
 async def _simulate(args: argparse.Namespace, broker: BrokerSettings) -> int:
     scenario = _scenario(args)
     producer = args.producer or f"sim-{uuid.uuid4().hex[:8]}"
-    async with connect(broker) as client:
+    async with ReliablePublisher(broker) as publisher:
         report = await publish_scenario(
-            client, scenario, Topics(args.prefix), producer=producer, speed=args.speed,
+            publisher, scenario, Topics(args.prefix), producer=producer, speed=args.speed,
             batch_orders=args.batch_orders, binary=args.encoding == "binary",
             progress=_progress())
     if args.json:
@@ -180,16 +215,21 @@ async def _simulate(args: argparse.Namespace, broker: BrokerSettings) -> int:
 
 async def _aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
     await _check_broker(broker)
-    state = AggregateState(_limits(args.brands))
-    print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard {args.shard}",
-          file=sys.stderr)
-    await run_aggregator(broker, Topics(args.prefix), state, FESTIVAL_2020, shard=args.shard)
+    aggregator = Aggregator(broker, Topics(args.prefix), _limits(args.brands), FESTIVAL_2020,
+                            shard=args.shard, checkpoint_path=args.checkpoint,
+                            checkpoint_interval=args.checkpoint_interval,
+                            max_unacked=args.max_unacked)
+    resumed = (f", resuming {aggregator.state.orders:,} orders from {args.checkpoint}"
+               if aggregator.restored else "")
+    print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard "
+          f"{args.shard}{resumed}", file=sys.stderr, flush=True)
+    await aggregator.run()
     return 0
 
 
 async def _serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
     await _check_broker(broker)
-    server = TickerServer()
+    server = TickerServer(allowed_origins=args.allowed_origin)
     async with await _listen(server, args.host, args.port) as ws_server, \
             asyncio.TaskGroup() as tg:
         tg.create_task(watch_totals(broker, Topics(args.prefix), server.receive_totals),
@@ -208,22 +248,20 @@ async def _demo(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
             broker = BrokerSettings("127.0.0.1", embedded.port)
         else:
             await _check_broker(broker)
-        server = TickerServer()
+        server = TickerServer(allowed_origins=args.allowed_origin)
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
-        state = AggregateState(_limits())
-        ready = asyncio.Event()
+        aggregator = Aggregator(broker, topics, _limits(), FESTIVAL_2020)
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(run_aggregator(broker, topics, state, FESTIVAL_2020, ready=ready),
-                           name="aggregator")
+            tg.create_task(aggregator.run(), name="aggregator")
             tg.create_task(watch_totals(broker, topics, server.receive_totals), name="watch")
             tg.create_task(server.run_pusher(), name="pusher")
-            await ready.wait()
+            await aggregator.ready.wait()
             speed = "max" if args.speed is None else f"{args.speed:g}x"
             print(f"GMV ticker: open http://{args.host}:{_bound_port(ws_server)}/ "
                   f"(broker {broker.url}, speed {speed}; Ctrl-C stops)", flush=True)
-            async with connect(broker) as client:
+            async with ReliablePublisher(broker) as publisher:
                 report = await publish_scenario(
-                    client, _scenario(args), topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
+                    publisher, _scenario(args), topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
                     speed=args.speed, batch_orders=args.batch_orders,
                     binary=args.encoding == "binary")
             print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "

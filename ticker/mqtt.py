@@ -1,51 +1,56 @@
 """MQTT adapter: the only module that imports the MQTT client (aiomqtt).
 
-Each order message goes decode -> apply; a bad payload is counted, dead-lettered with its
-reason and skipped, never raised out of the loop. Both loops reconnect with backoff.
+Broker settings and topics, connecting (TLS, login, persistent sessions, manual acks),
+reconnecting with backoff, a publisher that re-sends what the broker has not acknowledged,
+and the totals watcher the ticker server uses. The aggregator's loop is in aggregator.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiomqtt
 import orjson
 
-from .dimensions import Window
 from .errors import ConfigError
-from .state import AggregateState
-from .wire import BatchError, decode
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class BrokerSettings:
+    """Where the broker is and how to log in. `mqtts://` means TLS (port 8883 by default)."""
+
     host: str = "127.0.0.1"
     port: int = 1883
+    tls: bool = False
+    ca_file: str | None = None  # None: the system's trusted CAs
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_url(cls, url: str) -> BrokerSettings:
-        """Parse `mqtt://HOST:PORT` (port 1883 when omitted)."""
+    def from_url(cls, url: str, **options) -> BrokerSettings:
+        """Parse `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (ports 1883 / 8883 by default)."""
         parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname \
+                or parts.path not in ("", "/"):
+            raise ConfigError(f"--broker={url}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
         try:
-            port = parts.port or 1883
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
         except ValueError:
             raise ConfigError(f"--broker={url}: the port must be a number 1-65535") from None
-        if parts.scheme != "mqtt" or not parts.hostname or parts.path not in ("", "/"):
-            raise ConfigError(f"--broker={url}: expected mqtt://HOST:PORT")
-        return cls(parts.hostname, port)
+        return cls(parts.hostname, port, tls=parts.scheme == "mqtts", **options)
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
 
 @dataclass(frozen=True)
@@ -73,12 +78,19 @@ class Topics:
 
 
 @asynccontextmanager
-async def connect(broker: BrokerSettings, identifier: str | None = None,
+async def connect(broker: BrokerSettings, identifier: str | None = None, *,
+                  clean_session: bool = True, manual_ack: bool = False,
                   max_inflight: int = 64) -> AsyncIterator[aiomqtt.Client]:
-    """A connected client; raises ConnectionError with the broker's URL if unreachable."""
+    """A connected client; raises ConnectionError naming the broker if it cannot connect."""
+    tls = aiomqtt.TLSParameters(ca_certs=broker.ca_file) if broker.tls else None
     client = aiomqtt.Client(broker.host, broker.port, identifier=identifier,
+                            clean_session=clean_session, username=broker.username,
+                            password=broker.password, tls_params=tls,
                             max_inflight_messages=max_inflight, timeout=10)
     client.pending_calls_threshold = max_inflight * 2  # pipelining is deliberate, not a leak
+    if manual_ack:
+        # aiomqtt does not expose paho's manual acknowledgement; its paho client does.
+        client._client.manual_ack_set(True)
     try:
         await client.__aenter__()
     except aiomqtt.MqttError as exc:
@@ -89,20 +101,28 @@ async def connect(broker: BrokerSettings, identifier: str | None = None,
         await client.__aexit__(None, None, None)
 
 
-def _client_id(role: str) -> str:
-    # Unique per run: clean sessions, so two processes never take over each other's session.
+def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:
+    """Acknowledge a message received with `manual_ack=True` (PUBACK for QoS 1)."""
+    if message.qos > 0:
+        client._client.ack(message.mid, message.qos)
+
+
+def unique_client_id(role: str) -> str:
+    """For clean sessions: unique per run, so two processes never take over each other."""
     return f"{role}-{uuid.uuid4().hex[:8]}"
 
 
-async def _reconnecting(broker: BrokerSettings, identifier: str,
-                        session: Callable[[aiomqtt.Client], object]) -> None:
+async def reconnecting(broker: BrokerSettings, identifier: str,
+                       session: Callable[[aiomqtt.Client], Awaitable[None]], *,
+                       clean_session: bool = True, manual_ack: bool = False) -> None:
     """Run `session(client)` forever, reconnecting with exponential backoff (0.2 s to 5 s)."""
     delay = 0.2
     while True:
         try:
-            async with connect(broker, identifier) as client:
+            async with connect(broker, identifier, clean_session=clean_session,
+                               manual_ack=manual_ack) as client:
                 delay = 0.2
-                await session(client)  # type: ignore[misc]
+                await session(client)
         except (ConnectionError, aiomqtt.MqttError) as exc:
             log.warning("%s: broker connection lost (%s); retrying in %.1f s",
                         identifier, exc, delay)
@@ -110,49 +130,105 @@ async def _reconnecting(broker: BrokerSettings, identifier: str,
         delay = min(delay * 2, 5.0)
 
 
-async def run_aggregator(broker: BrokerSettings, topics: Topics, state: AggregateState,
-                         window: Window, *, shard: str = "0", interval: float = 0.2,
-                         ready: asyncio.Event | None = None) -> None:
-    """Consume order batches into `state` and publish its snapshot every `interval` s."""
+class ReliablePublisher:
+    """QoS 1 publishing that survives a lost connection or a broker restart.
 
-    async def session(client: aiomqtt.Client) -> None:
-        await client.subscribe(topics.all_orders, qos=1)
-        if ready is not None:
-            ready.set()
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(_consume(client), name=f"aggregator-{shard}-consume")
-            tg.create_task(_publish_totals(client), name=f"aggregator-{shard}-totals")
+    Every message stays in `unacked` until the broker acknowledges it. When the connection
+    fails, the publisher reconnects with backoff and sends every unacknowledged message
+    again, in order; consumers drop the duplicates this may create by (producer, seq).
+    """
 
-    async def _consume(client: aiomqtt.Client) -> None:
-        async for message in client.messages:
-            payload = message.payload
-            if not isinstance(payload, bytes):
-                payload = b""
-            try:
-                batch = decode(payload, state.limits)
-            except BatchError as exc:
-                state.reject(exc.reason)
-                log.info("rejected batch on %s: %s", message.topic, exc)
-                await client.publish(topics.rejected(exc.reason), payload, qos=0)
-                continue
-            state.apply(batch)
+    def __init__(self, broker: BrokerSettings, *, max_inflight: int = 32,
+                 ack_timeout: float = 5.0) -> None:
+        self.broker = broker
+        self.max_inflight = max_inflight
+        self.ack_timeout = ack_timeout
+        self.reconnects = 0
+        self._unacked: dict[int, tuple[str, bytes]] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._next_key = 0
+        self._client: aiomqtt.Client | None = None
+        self._stack: AsyncExitStack | None = None
+        self._room = asyncio.Condition()
+        self._broken: BaseException | None = None
 
-    async def _publish_totals(client: aiomqtt.Client) -> None:
-        last_sent: bytes | None = None
-        last_time = 0.0
+    async def __aenter__(self) -> ReliablePublisher:
+        await self._connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._stack is not None:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await self._stack.aclose()
+
+    async def send(self, topic: str, payload: bytes) -> None:
+        """Queue one QoS 1 message; waits while `max_inflight` messages are unacknowledged."""
+        async with self._room:
+            await self._room.wait_for(
+                lambda: len(self._unacked) < self.max_inflight or self._broken is not None)
+        await self._recover_if_broken()
+        key, self._next_key = self._next_key, self._next_key + 1
+        self._unacked[key] = (topic, payload)
+        self._start(key)
+
+    async def flush(self) -> None:
+        """Wait until the broker has acknowledged every message sent so far."""
+        while self._unacked:
+            async with self._room:
+                await self._room.wait_for(lambda: not self._unacked or self._broken is not None)
+            await self._recover_if_broken()
+
+    def _start(self, key: int) -> None:
+        task = asyncio.create_task(self._publish(key, self._client))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _publish(self, key: int, client: aiomqtt.Client | None) -> None:
+        entry = self._unacked.get(key)
+        if entry is None:  # acknowledged through the old connection meanwhile
+            return
+        topic, payload = entry
+        try:
+            assert client is not None
+            await client.publish(topic, payload, qos=1, timeout=self.ack_timeout)
+        except aiomqtt.MqttError as exc:
+            if client is self._client and self._broken is None:
+                self._broken = exc
+        else:
+            self._unacked.pop(key, None)
+        async with self._room:
+            self._room.notify_all()
+
+    async def _recover_if_broken(self) -> None:
+        if self._broken is None:
+            return
+        log.warning("publisher: connection to %s lost (%s); reconnecting",
+                    self.broker.url, self._broken)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._stack is not None:
+            with contextlib.suppress(Exception):
+                await self._stack.aclose()
+        delay = 0.2
         while True:
-            snapshot = state.snapshot()
-            body = orjson.dumps(snapshot)
-            now = time.monotonic()
-            # Publish on change, and every 2 s regardless so watchers know we are alive.
-            if body != last_sent or now - last_time > 2.0:
-                message = {"v": 1, "shard": shard, "window": window.as_dict(), **snapshot}
-                await client.publish(topics.totals(shard), orjson.dumps(message),
-                                     qos=1, retain=True)
-                last_sent, last_time = body, now
-            await asyncio.sleep(interval)
+            try:
+                await self._connect()
+                break
+            except ConnectionError:
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        self.reconnects += 1
+        self._broken = None
+        for key in sorted(self._unacked):
+            self._start(key)
 
-    await _reconnecting(broker, _client_id(f"gmv-aggregator-{shard}"), session)
+    async def _connect(self) -> None:
+        self._stack = AsyncExitStack()
+        self._client = await self._stack.enter_async_context(
+            connect(self.broker, unique_client_id("gmv-producer"),
+                    max_inflight=self.max_inflight))
 
 
 async def watch_totals(broker: BrokerSettings, topics: Topics,
@@ -173,4 +249,4 @@ async def watch_totals(broker: BrokerSettings, topics: Topics,
             if isinstance(totals, dict) and totals.get("v") == 1 and "shard" in totals:
                 on_totals(totals)
 
-    await _reconnecting(broker, _client_id("gmv-server"), session)
+    await reconnecting(broker, unique_client_id("gmv-server"), session)

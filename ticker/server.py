@@ -1,5 +1,8 @@
 """Ticker server: serves web/ over HTTP and pushes the merged totals on the `/ws` websocket.
 
+A viewer with nothing new for a second gets a `heartbeat` saying how long ago the server last
+heard from an aggregator, so a page can tell "connected but stale" from "live".
+
 Fan-out keeps only the latest state per viewer: each viewer's task sleeps until the feed
 has a newer version than the one it last sent, then sends one frame that brings it up to
 date (an update if it is one version behind, a full snapshot otherwise). A slow viewer
@@ -11,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
+import time
 from http import HTTPStatus
 from pathlib import Path
 
+import orjson
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -30,18 +35,27 @@ class TickerServer:
     """The feed, the viewers and the HTTP/websocket endpoint around them."""
 
     def __init__(self, *, web_dir: Path = WEB_DIR, push_hz: float = 10.0,
-                 max_message_bytes: int = 4096) -> None:
+                 max_message_bytes: int = 4096,
+                 allowed_origins: list[str] | None = None) -> None:
         if push_hz <= 0:
             raise ValueError(f"push_hz={push_hz}: must be positive")
         self.feed = Feed()
         self.web_dir = web_dir.resolve()
         self.push_interval = 1.0 / push_hz
         self.max_message_bytes = max_message_bytes
+        self.allowed_origins = allowed_origins  # None: any Origin (and none)
         self._changed = asyncio.Event()
         self.viewers = 0
+        self.heartbeat_interval = 1.0
+        self._last_totals_at = time.monotonic()
 
     def receive_totals(self, totals: dict) -> None:
+        self._last_totals_at = time.monotonic()
         self.feed.receive(totals)
+
+    def _heartbeat(self, seq: int) -> bytes:
+        age_ms = int((time.monotonic() - self._last_totals_at) * 1000)
+        return orjson.dumps({"type": "heartbeat", "seq": seq, "upstream_age_ms": age_ms})
 
     async def run_pusher(self) -> None:
         """Fold received totals into a new version at most `push_hz` times a second."""
@@ -54,7 +68,7 @@ class TickerServer:
     async def serve(self, host: str, port: int) -> Server:
         return await serve(self._viewer, host, port, process_request=self._http,
                            compression=None, max_size=self.max_message_bytes,
-                           server_header="gmv-ticker")
+                           origins=self.allowed_origins, server_header="gmv-ticker")
 
     async def _viewer(self, ws: ServerConnection) -> None:
         self.viewers += 1
@@ -72,8 +86,12 @@ class TickerServer:
         sent = 0
         try:
             while True:
-                while self.feed.seq == sent:
-                    await self._changed.wait()
+                if self.feed.seq == sent:
+                    try:
+                        await asyncio.wait_for(self._changed.wait(), self.heartbeat_interval)
+                    except TimeoutError:
+                        await ws.send(self._heartbeat(sent), text=True)
+                    continue
                 seq, frame = self.feed.seq, self.feed.frame_for(sent)
                 await ws.send(frame, text=True)
                 sent = seq

@@ -65,6 +65,18 @@ class Watermarks:
     def as_dict(self) -> dict[str, int]:
         return {name: p.next_seq for name, p in self._producers.items()}
 
+    def dump(self) -> dict[str, list[int]]:
+        """Everything needed to rebuild the watermarks: next_seq, max_seen, then `ahead`."""
+        return {name: [p.next_seq, p.max_seen, *sorted(p.ahead)]
+                for name, p in self._producers.items()}
+
+    @classmethod
+    def from_dump(cls, dump: dict[str, list[int]]) -> Watermarks:
+        marks = cls()
+        for name, (next_seq, max_seen, *ahead) in dump.items():
+            marks._producers[name] = _ProducerSeqs(next_seq, set(ahead), max_seen)
+        return marks
+
 
 class AggregateState:
     """Running totals of one aggregator shard. `apply` batches, read with `snapshot`."""
@@ -112,6 +124,18 @@ class AggregateState:
     def reject(self, reason: str) -> None:
         """Count a batch that `wire.decode` refused; the totals are untouched."""
         self.rejected[reason] += 1
+
+    def scalars(self) -> dict[str, object]:
+        """The non-array part of the state, for checkpoints."""
+        return {"gmv_cents": self.gmv_cents, "orders": self.orders, "batches": self.batches,
+                "latest_minute": self.latest_minute, "duplicates": self.duplicates,
+                "rejected": dict(self.rejected), "watermarks": self.watermarks.dump()}
+
+    def restore_scalars(self, scalars: dict) -> None:
+        for name in ("gmv_cents", "orders", "batches", "latest_minute", "duplicates"):
+            setattr(self, name, int(scalars[name]))
+        self.rejected = Counter(scalars["rejected"])
+        self.watermarks = Watermarks.from_dump(scalars["watermarks"])
 
     def snapshot(self) -> dict[str, object]:
         """The shard's totals as plain JSON-able values (what goes on the totals topic)."""

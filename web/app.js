@@ -55,11 +55,19 @@ function handleMessage(raw) {
       state = merge(state, fieldsOf(msg));
       seq = msg.seq;
       break;
+    case 'heartbeat':
+      // Sent when nothing changed for a second: proves the link is up, and says how long
+      // ago the server last heard from an aggregator.
+      lastUpstreamAgeMs = typeof msg.upstream_age_ms === 'number' ? msg.upstream_age_ms : 0;
+      noteAlive();
+      return;
     default:
       // Loud during development, silent on the unattended kiosk screen.
       if (!KIOSK) console.warn('[ticker] UNKNOWN MESSAGE TYPE — ignored:', msg && msg.type, msg);
       return;
   }
+  lastUpstreamAgeMs = 0;
+  noteAlive();
   render();
 }
 
@@ -280,9 +288,28 @@ function renderStats(st) {
 const WS_URL = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 5000;
-const STATUS_LABELS = { connecting: 'Connecting…', live: 'Live', reconnecting: 'Reconnecting…' };
+const STATUS_LABELS = {
+  connecting: 'Connecting…', live: 'Live', stale: 'Stale', reconnecting: 'Reconnecting…',
+};
+const STALE_AFTER_MS = 5000;
 let socket = null;
 let attempt = 0;
+let lastFrameAt = 0;
+let lastUpstreamAgeMs = 0;
+
+// Connected but not fresh: no frame for a few seconds, or the server itself has not heard
+// from any aggregator for a few seconds. The numbers stay up, dimmed, marked stale.
+function noteAlive() {
+  lastFrameAt = performance.now();
+  checkFreshness();
+}
+
+function checkFreshness() {
+  if (socket === null || socket.readyState !== WebSocket.OPEN) return;
+  const quiet = performance.now() - lastFrameAt > STALE_AFTER_MS;
+  setStatus(quiet || lastUpstreamAgeMs > STALE_AFTER_MS ? 'stale' : 'live');
+}
+setInterval(checkFreshness, 1000);
 
 function setStatus(s) {
   $('status').dataset.state = s;
@@ -295,7 +322,7 @@ function connect() {
   socket = ws;
   ws.onopen = () => {
     attempt = 0;
-    setStatus('live');
+    noteAlive();
   };
   ws.onmessage = (ev) => handleMessage(ev.data);
   // No onerror handler: 'close' always follows 'error', so retrying lives there.
