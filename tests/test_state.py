@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ticker.state import AggregateState, Watermarks
-from ticker.wire import Limits, OrderBatch
+from ticker.wire import BatchError, Limits, OrderBatch, decode, encode
 
 LIMITS = Limits(n_brands=5, n_minutes=10, n_countries=3, n_platforms=2)
 
@@ -114,3 +116,48 @@ def test_memory_is_bounded_by_dimensions_not_orders():
                                rng.integers(0, 3, n).astype(np.uint8)))
     after = sum(a.nbytes for a in vars(state).values() if isinstance(a, np.ndarray))
     assert state.orders == 1_000_000 and sizes == after == (2 * 1000 + 2 * 60 + 24 + 6) * 8
+
+
+# --- fuzzing: whatever arrives, the totals are the sum of the batches accepted once ---------
+
+FUZZ_LIMITS = Limits(n_brands=5, n_minutes=10, n_countries=3, n_platforms=2,
+                     max_order_cents=10**6)
+valid_batches = st.builds(
+    lambda producer, seq, minute, rows: batch(seq, minute, [r[0] for r in rows],
+                                              [r[1] for r in rows], [r[2] for r in rows],
+                                              [r[3] for r in rows], producer=producer),
+    st.sampled_from(["a", "b"]), st.integers(0, 6), st.integers(0, 9),
+    st.lists(st.tuples(st.integers(1, 10**6), st.integers(0, 4), st.integers(0, 2),
+                       st.integers(0, 1)), min_size=1, max_size=8))
+payloads = st.one_of(
+    st.binary(max_size=80),
+    st.tuples(valid_batches, st.booleans()).map(lambda t: encode(t[0], binary=t[1])),
+    st.tuples(valid_batches, st.integers(0, 60), st.integers(0, 255)).map(
+        lambda t: _flip(encode(t[0]), t[1], t[2])))
+
+
+def _flip(payload: bytes, index: int, value: int) -> bytes:
+    data = bytearray(payload)
+    data[index % len(data)] = value
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(payloads, max_size=25))
+def test_fuzz_totals_are_the_sum_of_batches_accepted_once(stream):
+    """Any mix of bytes, valid, corrupted and repeated batches: totals stay exact."""
+    state, expected, seen = AggregateState(FUZZ_LIMITS), 0, set()
+    for payload in stream:
+        try:
+            decoded = decode(payload, FUZZ_LIMITS)
+        except BatchError as exc:
+            state.reject(exc.reason)
+            continue
+        if state.apply(decoded):
+            assert (decoded.producer, decoded.seq) not in seen
+            seen.add((decoded.producer, decoded.seq))
+            expected += decoded.gmv_cents
+    assert state.gmv_cents == expected == int(state.gmv_by_brand.sum()) \
+        == int(state.gmv_by_minute.sum()) == int(state.gmv_by_country.sum())
+    assert state.orders == int(state.orders_by_brand.sum()) == int(state.orders_by_platform.sum())
+    assert state.batches == len(seen)
