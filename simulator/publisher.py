@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import orjson
+
 from ticker.mqtt import ReliablePublisher, Topics
 from ticker.wire import OrderBatch, encode
 
@@ -58,6 +60,11 @@ async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, top
         report.minutes += 1
         if progress is not None:
             progress(report)
+    await publisher.flush()
+    # Say how far we got, so a consumer can tell a lost tail from the end of the stream.
+    await publisher.send(topics.producer(producer), orjson.dumps(
+        {"v": 1, "producer": producer, "last_seq": seq - 1, "batches": report.batches,
+         "orders": report.orders, "gmv_cents": report.gmv_cents}))
     await publisher.flush()
     report.seconds = clock() - t0
     return report

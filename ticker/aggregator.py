@@ -73,6 +73,7 @@ class Aggregator:
     async def _session(self, client) -> None:
         self._unacked = []  # the broker redelivers whatever we had not acknowledged
         await client.subscribe(self.topics.all_orders, qos=1)
+        await client.subscribe(self.topics.all_producers, qos=1)
         self.ready.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(client), name=f"aggregator-{self.shard}-consume")
@@ -84,6 +85,10 @@ class Aggregator:
     async def _consume(self, client) -> None:
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
+            if message.topic.matches(self.topics.all_producers):
+                self._note_announcement(payload)
+                ack(client, message)
+                continue
             try:
                 self.state.apply(decode(payload, self.state.limits))
             except BatchError as exc:
@@ -96,6 +101,17 @@ class Aggregator:
             self._unacked.append(message)
             if len(self._unacked) >= self.max_unacked:
                 await self.checkpoint(client)
+
+    def _note_announcement(self, payload: bytes) -> None:
+        """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
+        try:
+            note = orjson.loads(payload)
+            producer, last_seq = note["producer"], note["last_seq"]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            log.warning("ignoring a malformed producer announcement: %r", payload[:200])
+            return
+        if isinstance(producer, str) and type(last_seq) is int and last_seq >= 0:
+            self.state.watermarks.announce(producer, last_seq)
 
     async def _checkpoint_timer(self, client) -> None:
         while True:
@@ -119,9 +135,14 @@ class Aggregator:
                     ack(client, message)
 
     async def _publish_totals(self, client) -> None:
-        last_body, last_time = b"", 0.0
+        last_body, last_time, last_gaps = b"", 0.0, 0
         while True:
             snapshot = self.state.snapshot()
+            if snapshot["gaps"] > last_gaps:
+                log.warning("%d batches missing from producers' sequences: the broker may have "
+                            "dropped them (see max_queued_messages in docs/reliability.md)",
+                            snapshot["gaps"])
+            last_gaps = snapshot["gaps"]
             body = orjson.dumps(snapshot)
             now = time.monotonic()
             # On change, and every 2 s regardless, so watchers can tell we are alive.

@@ -8,7 +8,6 @@ knows exactly which (producer, seq) it already holds, so redelivered batches are
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
@@ -20,18 +19,21 @@ from .errors import ConfigError
 from .state import AggregateState
 from .wire import Limits
 
-FORMAT = 1
+MAGIC = b"GMVCKPT2"
 _ARRAYS = ("gmv_by_brand", "orders_by_brand", "gmv_by_minute", "orders_by_minute",
            "gmv_by_country", "orders_by_country", "gmv_by_platform", "orders_by_platform")
 
 
 def export(state: AggregateState) -> bytes:
-    """The state as checkpoint bytes (a copy: the state may change right after)."""
-    meta = {"format": FORMAT, **state.scalars()}
-    buffer = io.BytesIO()
-    np.savez(buffer, meta=np.frombuffer(orjson.dumps(meta), np.uint8),
-             **{name: getattr(state, name) for name in _ARRAYS})
-    return buffer.getvalue()
+    """The state as checkpoint bytes (a copy: the state may change right after).
+
+    Layout: magic, a 4-byte header length, a JSON header (scalars, watermarks and each
+    array's length), then the int64 arrays raw, little-endian. About 1 ms for 4 MB.
+    """
+    arrays = [getattr(state, name) for name in _ARRAYS]
+    header = orjson.dumps({**state.scalars(), "arrays": [len(a) for a in arrays]})
+    return b"".join([MAGIC, len(header).to_bytes(4, "little"), header,
+                     *(a.astype("<i8", copy=False).tobytes() for a in arrays)])
 
 
 def save(path: Path, data: bytes) -> None:
@@ -59,18 +61,24 @@ def load(path: Path, limits: Limits) -> AggregateState | None:
     if not path.exists():
         return None
     try:
-        with np.load(path) as npz:
-            meta = orjson.loads(npz["meta"].tobytes())
-            arrays = {name: npz[name] for name in _ARRAYS}
-    except (OSError, ValueError, KeyError, orjson.JSONDecodeError) as exc:
+        data = path.read_bytes()
+        if data[:8] != MAGIC:
+            raise ValueError("wrong magic bytes")
+        size = int.from_bytes(data[8:12], "little")
+        meta = orjson.loads(data[12:12 + size])
+        body = np.frombuffer(data, "<i8", offset=12 + size)
+        if len(body) != sum(meta["arrays"]):
+            raise ValueError(f"{len(body)} values, the header announces {sum(meta['arrays'])}")
+    except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
         raise ConfigError(f"--checkpoint={path}: not a readable checkpoint ({exc})") from None
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"--checkpoint={path}: format {meta.get('format')}, expected {FORMAT}")
     state = AggregateState(limits)
-    for name, array in arrays.items():
-        if array.shape != getattr(state, name).shape:
-            raise ConfigError(f"--checkpoint={path}: {name} has shape {array.shape}, the "
-                              f"settings give {getattr(state, name).shape} (other --brands?)")
-        getattr(state, name)[:] = array
+    offset = 0
+    for name, length in zip(_ARRAYS, meta["arrays"]):
+        target = getattr(state, name)
+        if length != len(target):
+            raise ConfigError(f"--checkpoint={path}: {name} has shape ({length},), the "
+                              f"settings give {target.shape} (other --brands?)")
+        target[:] = body[offset:offset + length]
+        offset += length
     state.restore_scalars(meta)
     return state

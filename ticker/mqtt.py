@@ -76,6 +76,13 @@ class Topics:
     def rejected(self, reason: str) -> str:
         return f"{self.prefix}/rejected/{reason}"
 
+    def producer(self, producer: str) -> str:
+        return f"{self.prefix}/producers/{producer}"
+
+    @property
+    def all_producers(self) -> str:
+        return f"{self.prefix}/producers/+"
+
 
 @asynccontextmanager
 async def connect(broker: BrokerSettings, identifier: str | None = None, *,

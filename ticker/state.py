@@ -42,6 +42,12 @@ class Watermarks:
     def __init__(self) -> None:
         self._producers: dict[str, _ProducerSeqs] = {}
 
+    def announce(self, producer: str, last_seq: int) -> None:
+        """A producer says it has published up to `last_seq`: anything missing below is a gap,
+        including a lost tail that no later batch would reveal."""
+        p = self._producers.setdefault(producer, _ProducerSeqs())
+        p.max_seen = max(p.max_seen, last_seq)
+
     def seen(self, producer: str, seq: int) -> bool:
         p = self._producers.get(producer)
         return p is not None and (seq < p.next_seq or seq in p.ahead)
