@@ -1,9 +1,10 @@
 """Shared helpers for the benchmarks: festival-shaped batches, timing, processes, machine info.
 
 Batches come from the 2020 scenario at order_scale=1 (the real order count): minute 15120
-(2020-11-11 12:00 Beijing time) holds 315,122 orders, so 10,000- and 100,000-order batches are
-slices of one real minute and their brand/country/platform mix is festival-shaped (Zipf brands,
-88% domestic GMV, 90% Tmall/Taobao).
+(2020-11-11 12:00 Beijing time) holds a few hundred thousand orders (315,122 with the first
+scenario, 369,599 with the calibrated one), so 10,000- and 100,000-order batches are slices of
+one real minute and their brand/country/platform mix is festival-shaped (Zipf brands, about 88%
+domestic, 90% Tmall/Taobao).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import inspect
 import os
 import platform
 import resource
@@ -27,11 +30,10 @@ import numpy as np
 import orjson
 
 from simulator.generator import MinuteOrders
-from simulator.scenario import FESTIVAL_2020_SCENARIO
 from ticker.dimensions import FESTIVAL_2020
 from ticker.wire import OrderBatch, Limits
 
-BUSY_MINUTE = 15120  # 2020-11-11 12:00 Beijing time: 315,122 orders at order_scale=1
+BUSY_MINUTE = 15120  # 2020-11-11 12:00 Beijing time: 300,000-400,000 orders at order_scale=1
 RESULTS = Path(__file__).resolve().parent / "results"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
@@ -42,10 +44,19 @@ def festival_limits() -> Limits:
                   n_platforms=3, max_order_cents=10**10)
 
 
+def festival_2020(order_scale: float = 1.0):
+    """The 2020 scenario, whichever way simulator/scenario.py currently exposes it."""
+    from simulator import scenario as module
+
+    base = getattr(module, "FESTIVAL_2020_SCENARIO", None)
+    if base is None:
+        base = module.scenario_for_year(2020)
+    return dataclasses.replace(base, order_scale=order_scale)
+
+
 @functools.cache
 def minute_orders(minute: int = BUSY_MINUTE) -> MinuteOrders:
-    scenario = dataclasses.replace(FESTIVAL_2020_SCENARIO, order_scale=1.0)
-    return scenario.orders(minute)
+    return festival_2020(1.0).orders(minute)
 
 
 def festival_batches(n_orders: int, count: int, *, producer: str = "bench",
@@ -117,11 +128,32 @@ class NaiveTotals:
 
 # -- the bare kernels ------------------------------------------------------------------------
 
+def apply_marks_overseas() -> bool:
+    """Whether the current `AggregateState.apply` also marks brands sold from abroad."""
+    from ticker.state import AggregateState
+
+    return "brand_overseas" in inspect.getsource(AggregateState.apply)
+
+
+def source_digests() -> dict[str, str]:
+    """sha256 (first 12 hex digits) of the product files measured, to tell versions apart."""
+    root = Path(__file__).resolve().parent.parent
+    out = {}
+    for name in ("ticker/wire.py", "ticker/state.py", "ticker/feed.py", "ticker/server.py",
+                 "ticker/mqtt.py", "ticker/aggregator.py", "simulator/scenario.py",
+                 "simulator/generator.py", "simulator/catalog.py"):
+        with contextlib.suppress(OSError):
+            out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]
+    return out
+
+
 class KernelArrays:
     """The same int64 arrays as AggregateState, for the bare numpy kernels."""
 
     def __init__(self, limits: Limits) -> None:
         self.limits = limits
+        self.overseas = apply_marks_overseas()
+        self.brand_overseas = np.zeros(limits.n_brands, np.uint8)
         self.gmv_by_brand = np.zeros(limits.n_brands, np.int64)
         self.orders_by_brand = np.zeros(limits.n_brands, np.int64)
         self.gmv_by_minute = np.zeros(limits.n_minutes, np.int64)
@@ -136,7 +168,7 @@ class KernelArrays:
         np.add.at(self.gmv_by_brand, batch.brand, batch.amount_cents)
 
     def all_scatters(self, batch: OrderBatch) -> None:
-        """Kernel B: exactly the numpy work of `AggregateState.apply`, no Python bookkeeping."""
+        """Kernel B: the numpy work of `AggregateState.apply`, no Python bookkeeping."""
         amount = batch.amount_cents
         batch_gmv = int(amount.sum())
         np.add.at(self.gmv_by_brand, batch.brand, amount)
@@ -146,6 +178,8 @@ class KernelArrays:
         self.orders_by_country += np.bincount(batch.country, minlength=self.limits.n_countries)
         self.orders_by_platform += np.bincount(batch.platform,
                                                minlength=self.limits.n_platforms)
+        if self.overseas:  # as apply does since it tracks brands sold from abroad
+            self.brand_overseas[batch.brand[batch.country != 0]] = 1
         self.gmv_by_minute[batch.minute] += batch_gmv
         self.orders_by_minute[batch.minute] += len(amount)
 
@@ -186,11 +220,24 @@ def wait_for_port(port: int, timeout: float = 10.0) -> None:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all threads) from /proc, in seconds."""
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of a process (all threads) from /proc, in seconds."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+    return int(fields[11]) / _CLK_TCK, int(fields[12]) / _CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads) from /proc, in seconds."""
+    return sum(cpu_times(pid))
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds spent busy on all CPUs since boot (/proc/stat), to tell others' load."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = v
+    return (user + nice + system + irq + softirq + steal) / _CLK_TCK
 
 
 def raise_nofile(wanted: int) -> int:
@@ -257,7 +304,7 @@ def machine_info() -> dict[str, object]:
         mosquitto = (out.stdout + out.stderr).splitlines()[0].strip()
     with contextlib.suppress(OSError), open("/proc/loadavg") as f:
         load = f.read().split()[:3]
-    return {"nproc": os.cpu_count(), "cpu_model": model,
+    return {"nproc": os.cpu_count(), "cpu_model": model, "sources": source_digests(),
             "python": sys.version.split()[0], "implementation": platform.python_implementation(),
             "kernel": platform.release(), "mosquitto": mosquitto, "loadavg_at_start": load,
             **versions}

@@ -1,4 +1,15 @@
-"""Brand catalog: each brand's home country and popularity, fixed by a seed. Pure."""
+"""Brand catalog: each brand's home country, first-time flag, popularity and debut. Pure.
+
+Popularity is Zipf over a random ranking, scaled so every country gets its share of GMV (one
+lucky giant brand cannot reorder the countries), then calibrated around the "big brand"
+threshold: the `big_brands` most popular brands are lifted to at least 1.25x the share that
+reaches the threshold and all others capped at 0.8x. Sampling noise at any order scale from
+0.001 up is a few percent, so the count of brands above the threshold lands on `big_brands`.
+
+Every brand sells at least once: `debut_order` lists the brands in the order their first
+sale is forced (popular brands early, by an exponential race), and the generator spends a
+share of each minute's orders on the next debuts.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +23,16 @@ from ticker.dimensions import COUNTRIES
 # leads (facts G02, G03 name it the top country selling to China); the rest are a first guess.
 OVERSEAS_MIX = {"US": 0.24, "AU": 0.10, "CA": 0.06, "FR": 0.08, "DE": 0.08, "IT": 0.06,
                 "JP": 0.12, "KR": 0.09, "NZ": 0.04, "GB": 0.07, "XX": 0.06}
+OVERSEAS_GMV_SHARE = 0.12
+BIG_LIFT, SMALL_CAP = 1.25, 0.8
 
 
 @dataclass(frozen=True, eq=False)
 class Catalog:
-    country: np.ndarray     # uint8 country id per brand
-    popularity_cdf: np.ndarray  # float64, cumulative share of orders by brand id
+    country: np.ndarray         # uint8 country id per brand (0 = China)
+    first_time: np.ndarray      # bool per brand: overseas and new to the festival
+    popularity_cdf: np.ndarray  # float64, cumulative share of sampled orders by brand id
+    debut_order: np.ndarray     # uint32 brand ids, in the order of their forced first sale
 
     @property
     def n_brands(self) -> int:
@@ -29,29 +44,53 @@ class Catalog:
         return np.searchsorted(self.popularity_cdf, u, side="right").astype(np.uint32)
 
 
-OVERSEAS_GMV_SHARE = 0.12
-
-
-def build_catalog(n_brands: int, n_overseas: int, seed: int, zipf_s: float = 1.0) -> Catalog:
+def build_catalog(n_brands: int, n_overseas: int, seed: int, *, n_first_time: int = 0,
+                  big_brands: int = 0, big_share: float = 0.0,
+                  zipf_s: float = 1.0) -> Catalog:
+    """`big_share`: the share of sampled GMV that puts a brand above the big-brand threshold."""
     if not 0 < n_brands < 2**32:
         raise ValueError(f"n_brands={n_brands}: must be positive")
     if not 0 <= n_overseas <= n_brands:
         raise ValueError(f"n_overseas={n_overseas}: must be between 0 and n_brands")
+    if not 0 <= n_first_time <= n_overseas:
+        raise ValueError(f"n_first_time={n_first_time}: must be between 0 and n_overseas")
     rng = np.random.default_rng([seed, 0xB2A4D])
     codes = [code for code, _ in COUNTRIES]
-    country = np.zeros(n_brands, np.uint8)  # 0 is China
+    country = np.zeros(n_brands, np.uint8)
     overseas = rng.choice(n_brands, size=n_overseas, replace=False)
     mix = np.array(list(OVERSEAS_MIX.values()))
     ids = np.array([codes.index(code) for code in OVERSEAS_MIX], np.uint8)
     country[overseas] = ids[rng.choice(len(ids), size=n_overseas, p=mix / mix.sum())]
-    # Zipf popularity over a random ranking, then each country's brands scaled to its share,
-    # so one lucky giant brand cannot reorder the countries.
-    rank = rng.permutation(n_brands) + 1
-    popularity = rank.astype(np.float64) ** -zipf_s
+    first_time = np.zeros(n_brands, bool)
+    first_time[rng.choice(overseas, size=n_first_time, replace=False)] = True
+
+    popularity = (rng.permutation(n_brands) + 1.0) ** -zipf_s
     shares = dict(zip(ids.tolist(), (mix / mix.sum() * OVERSEAS_GMV_SHARE).tolist()))
     shares[0] = 1.0 - OVERSEAS_GMV_SHARE if n_overseas < n_brands else 0.0
     for country_id, share in shares.items():
         members = country == country_id
         if members.any():
             popularity[members] *= share / popularity[members].sum()
-    return Catalog(country=country, popularity_cdf=np.cumsum(popularity))
+    popularity /= popularity.sum()
+    if big_brands:
+        popularity = _calibrate_big_brands(popularity, big_brands, big_share)
+    # Exponential race: brand b debuts at Exp(1) / popularity_b, so popular brands come first.
+    debut = np.argsort(rng.exponential(size=n_brands) / popularity, kind="stable")
+    return Catalog(country, first_time, np.cumsum(popularity), debut.astype(np.uint32))
+
+
+def _calibrate_big_brands(p: np.ndarray, count: int, share: float) -> np.ndarray:
+    """Lift the top `count` shares to BIG_LIFT x `share`, cap the rest at SMALL_CAP x `share`."""
+    if not 0 < count < len(p) or not 0 < share * BIG_LIFT * count < 1:
+        raise ValueError(f"big_brands={count} at share {share:g} cannot fit in one total")
+    top = np.argsort(-p, kind="stable")[:count]
+    is_top = np.zeros(len(p), bool)
+    is_top[top] = True
+    p = p.copy()
+    for _ in range(50):  # renormalising moves the shares a little; a few rounds settle them
+        p[is_top] = np.maximum(p[is_top], share * BIG_LIFT * 1.001)
+        p[~is_top] = np.minimum(p[~is_top], share * SMALL_CAP * 0.999)
+        p /= p.sum()
+        if p[is_top].min() >= share * BIG_LIFT and p[~is_top].max() <= share * SMALL_CAP:
+            return p
+    raise ValueError(f"big_brands={count}: calibration did not settle")

@@ -1,7 +1,8 @@
 """Order generator: one simulated minute's orders as columns. Pure: the rng is passed in.
 
 A minute's amounts are drawn around the average order value (log-normal) and then scaled
-and rounded so that they add up to the minute's GMV exactly, each at least one cent.
+and rounded so that they add up to the minute's GMV exactly, each at least one cent. The
+minute's first orders go to the brands whose debut falls in it, the rest by popularity.
 """
 
 from __future__ import annotations
@@ -31,12 +32,13 @@ class MinuteOrders:
                             self.country[start:stop], self.platform[start:stop])
 
 
-def generate_minute(catalog: Catalog, gmv_cents: int, n_orders: int,
-                    rng: np.random.Generator) -> MinuteOrders:
+def generate_minute(catalog: Catalog, gmv_cents: int, n_orders: int, rng: np.random.Generator,
+                    debuts: np.ndarray | None = None) -> MinuteOrders:
     if not 0 < n_orders <= gmv_cents:
         raise ValueError(f"n_orders={n_orders}: must be 1..gmv_cents ({gmv_cents})")
+    debuts = np.empty(0, np.uint32) if debuts is None else debuts[:n_orders]
     weights = rng.lognormal(0.0, 0.9, n_orders)
     amount = allocate(gmv_cents - n_orders, weights) + 1
-    brand = catalog.sample_brands(rng, n_orders)
+    brand = np.concatenate([debuts, catalog.sample_brands(rng, n_orders - len(debuts))])
     platform = rng.choice(len(PLATFORM_MIX), size=n_orders, p=PLATFORM_MIX).astype(np.uint8)
     return MinuteOrders(amount, brand, catalog.country[brand], platform)

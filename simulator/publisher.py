@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import orjson
 
 from ticker.mqtt import ReliablePublisher, Topics
-from ticker.wire import OrderBatch, encode
+from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
 from .scenario import Scenario
 
@@ -28,6 +28,7 @@ class PublishReport:
     orders: int = 0
     batches: int = 0
     minutes: int = 0
+    chatbot_queries: int = 0
     seconds: float = 0.0
 
 
@@ -41,7 +42,7 @@ async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, top
     last = scenario.window.minutes - 1 if last_minute is None else last_minute
     report = PublishReport(producer)
     t0 = clock()
-    seq = 0
+    seq = chat_seq = chat_pending = 0
     for minute in range(first_minute, last + 1):
         if speed is not None:
             delay = t0 + (minute - first_minute) * 60.0 / speed - clock()
@@ -57,6 +58,13 @@ async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, top
             report.gmv_cents += batch.gmv_cents
             report.orders += len(batch)
             report.batches += 1
+        # Chatbot queries are their own stream, one count per 10 simulated minutes.
+        chat_pending += int(scenario.minute_chatbot_queries[minute])
+        if chat_pending and (minute % 10 == 9 or minute == last):
+            await publisher.send(topics.chatbot(0), encode_chatbot(
+                ChatbotCount(producer, chat_seq, minute, chat_pending)))
+            report.chatbot_queries += chat_pending
+            chat_seq, chat_pending = chat_seq + 1, 0
         report.minutes += 1
         if progress is not None:
             progress(report)

@@ -1,77 +1,145 @@
-"""Scenarios: a festival window, its GMV total and curve, and how orders are drawn. Pure.
+"""Scenarios: a festival curve, its brands, and how orders are drawn. Pure.
 
 A scenario and a seed fix every order: minute m's orders come from an rng seeded with
 (seed, m), so any minute can be generated alone, in any order, with the same result.
+
+Order counts follow GMV / average order value at the order scale (1 = the real count).
+The peak minute is pinned instead: its per-second profile rises to the published peak rate
+at the published second (583,000 orders/s, 26 s after midnight on Nov 11 2020).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
 
-from ticker.dimensions import FESTIVAL_2020, Window
+from ticker.dimensions import Window
 
 from .catalog import Catalog, build_catalog
-from .curve import allocate, minute_weights
+from .curve import allocate
 from .generator import MinuteOrders, generate_minute
+from .history import Curve, curve, festival_years, festivals
+
+# RMB 100M, the "big brand" line of the 2020 release, written there as USD 15.11M (G01).
+BIG_BRAND_CENTS = 15_110_000_00
+
+
+@dataclass(frozen=True)
+class Peak:
+    minute: int              # window minute of the peak
+    second: int              # second within that minute
+    orders_per_second: int   # at order scale 1
+
+    def profile(self) -> np.ndarray:
+        """Orders in each second of the peak minute at scale 1; the peak second is exact."""
+        s = np.arange(60, dtype=np.float64)
+        rise = (s + 1) / (self.second + 1)
+        fall = np.exp(-(s - self.second) / 30.0)
+        return np.round(self.orders_per_second * np.where(s <= self.second, rise, fall)) \
+            .astype(np.int64)
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    window: Window
-    gmv_cents: int           # exact festival total
+    curve: Curve             # window, exact GMV total and per-minute shape
     aov_cents: int           # average order value at order scale 1
-    n_brands: int
-    n_overseas: int
-    day_weights: tuple[float, ...]
-    day_spikes: tuple[float, ...]
+    n_brands: int = 250_000
+    n_overseas: int = 31_000
+    n_first_time: int = 2_600
+    big_brands: int = 0      # brands calibrated above BIG_BRAND_CENTS (0: not calibrated)
+    chatbot_queries: int = 0
+    peak: Peak | None = None
     seed: int = 2020
     order_scale: float = 0.001  # fewer, larger orders; every GMV total stays exact
 
     def __post_init__(self) -> None:
         if not 0 < self.order_scale <= 1:
             raise ValueError(f"order_scale={self.order_scale}: must be in (0, 1]")
-        if len(self.day_weights) * 1440 != self.window.minutes:
-            raise ValueError("day_weights must give one weight per day of the window")
+
+    @property
+    def window(self) -> Window:
+        return self.curve.window
+
+    @property
+    def gmv_cents(self) -> int:
+        return self.curve.gmv_cents
 
     @cached_property
     def minute_gmv_cents(self) -> np.ndarray:
-        return allocate(self.gmv_cents, minute_weights(list(self.day_weights),
-                                                       list(self.day_spikes)))
+        return self.curve.minute_gmv_cents()
 
     @cached_property
     def minute_orders(self) -> np.ndarray:
         """Orders per minute: GMV / AOV at the order scale, at least one, at most one a cent."""
-        per_order = self.aov_cents / self.order_scale
-        n = np.floor(self.minute_gmv_cents / per_order).astype(np.int64)
-        return np.clip(n, 1, self.minute_gmv_cents)
+        n = np.floor(self.minute_gmv_cents / (self.aov_cents / self.order_scale))
+        if self.peak is not None:
+            n[self.peak.minute] = round(self.peak.profile().sum() * self.order_scale)
+        return np.clip(n.astype(np.int64), 1, self.minute_gmv_cents)
+
+    def second_orders(self, minute: int) -> np.ndarray:
+        """Orders in each second of `minute` (flat, except for the pinned peak minute)."""
+        shape = self.peak.profile() if self.peak and minute == self.peak.minute else np.ones(60)
+        return allocate(int(self.minute_orders[minute]), shape)
+
+    @cached_property
+    def minute_chatbot_queries(self) -> np.ndarray:
+        if not self.chatbot_queries:
+            return np.zeros(self.window.minutes, np.int64)
+        return allocate(self.chatbot_queries, self.curve.minute_weights)
 
     @cached_property
     def catalog(self) -> Catalog:
-        return build_catalog(self.n_brands, self.n_overseas, self.seed)
+        # Sampled GMV excludes the debut orders, spread evenly over all brands. Below an order
+        # scale of about 0.0011 there are fewer orders than brands: every order is a debut,
+        # popularity plays no part, and the big-brand calibration is left out.
+        orders = int(self.minute_orders.sum())
+        sampled = self.gmv_cents * (1 - min(self.n_brands, orders) / orders)
+        big = self.big_brands if sampled > 2 * BIG_BRAND_CENTS * self.big_brands else 0
+        return build_catalog(self.n_brands, self.n_overseas, self.seed,
+                             n_first_time=self.n_first_time, big_brands=big,
+                             big_share=BIG_BRAND_CENTS / sampled if big else 0.0)
+
+    @cached_property
+    def _debut_bounds(self) -> np.ndarray:
+        """Where each minute's debuts start in `catalog.debut_order` (one more entry at the end)."""
+        orders = self.minute_orders
+        debuts = np.minimum(allocate(min(self.n_brands, int(orders.sum())), orders), orders)
+        return np.concatenate(([0], np.cumsum(debuts)))
 
     def orders(self, minute: int) -> MinuteOrders:
         rng = np.random.default_rng([self.seed, minute])
+        start, stop = self._debut_bounds[minute], self._debut_bounds[minute + 1]
         return generate_minute(self.catalog, int(self.minute_gmv_cents[minute]),
-                               int(self.minute_orders[minute]), rng)
+                               int(self.minute_orders[minute]), rng,
+                               self.catalog.debut_order[start:stop])
 
 
-# 2020: RMB 498.2B = USD 74.1B over Nov 1-11 (G01-G04); 250,000 brands, 31,000 overseas
-# (G01, G03); average order near RMB 215 = USD 31.98 at 6.723 RMB/USD (facts section 6).
-# Two sales windows, Nov 1-3 and Nov 11 (G04, G08); by Nov 11 00:30 about 75% was in (G05).
-# The day weights are a first shape; calibration to every published figure comes later.
-FESTIVAL_2020_SCENARIO = Scenario(
-    name="2020",
-    window=FESTIVAL_2020,
-    gmv_cents=74_100_000_000_00,
-    aov_cents=3198,
-    n_brands=250_000,
-    n_overseas=31_000,
-    day_weights=(0.30, 0.12, 0.10) + (0.16 / 7,) * 7 + (0.32,),
-    day_spikes=(60.0, 10.0, 8.0) + (2.0,) * 7 + (120.0,),
-)
+# Average order value in RMB (facts section 6: GMV / Cainiao delivery orders; 2012-2020).
+# Before 2012 no order counts are published: 180, the 2012 figure, is assumed.
+AOV_RMB = {2012: 180, 2013: 204, 2014: 205, 2015: 195, 2016: 184, 2017: 207, 2018: 205,
+           2019: 208, 2020: 215, 2021: 215}
 
-SCENARIOS = {"2020": FESTIVAL_2020_SCENARIO}
+
+def scenario_for_year(year: int, **changes) -> Scenario:
+    """The festival of `year` with its curve; 2020 with every figure the release gives."""
+    fest = festivals()[year]
+    aov = round(AOV_RMB.get(year, 180) * 100 / float(fest.rmb_per_usd))
+    c = curve(year)
+    extra: dict = {}
+    if year == 2020:
+        # The headline USD 74.1B, exactly (the rate 6.723 gives 7,410,382,269,820 cents).
+        c = dataclasses.replace(c, gmv_cents=74_100_000_000_00)
+        # 250,000 brands, 31,000 overseas, 2,600 of them new (G01, G03); more than 470 above
+        # RMB 100M (G01, G02; Yicai: more than 474, G13); chatbot queries over 2.1B (G12,
+        # single source); the peak of 583,000 orders/s 26 s into Nov 11 (G01, G05, G11).
+        extra = dict(big_brands=475, chatbot_queries=2_110_000_000,
+                     peak=Peak(minute=10 * 1440, second=26, orders_per_second=583_000))
+    return dataclasses.replace(Scenario(str(year), c, aov, **extra), **changes)
+
+
+def scenario_names() -> list[str]:
+    return [str(year) for year in festival_years()]

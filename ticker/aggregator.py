@@ -19,13 +19,14 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import orjson
 
 from . import checkpoint
 from .dimensions import Window
 from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting
 from .state import AggregateState
-from .wire import BatchError, Limits, decode
+from .wire import BatchError, Limits, decode, decode_chatbot
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ class Aggregator:
     def __init__(self, broker: BrokerSettings, topics: Topics, limits: Limits, window: Window,
                  *, shard: str = "0", checkpoint_path: Path | None = None,
                  checkpoint_interval: float = 1.0, max_unacked: int = 16,
-                 totals_interval: float = 0.2) -> None:
+                 totals_interval: float = 0.2, first_time: np.ndarray | None = None) -> None:
         if checkpoint_interval <= 0:
             raise ValueError(f"checkpoint_interval={checkpoint_interval}: must be positive")
         if max_unacked <= 0:
@@ -44,9 +45,10 @@ class Aggregator:
         self.checkpoint_interval = checkpoint_interval
         self.max_unacked = max_unacked
         self.totals_interval = totals_interval
-        restored = checkpoint.load(checkpoint_path, limits) if checkpoint_path else None
+        restored = checkpoint.load(checkpoint_path, limits, first_time) \
+            if checkpoint_path else None
         self.restored = restored is not None
-        self.state = restored or AggregateState(limits)
+        self.state = restored or AggregateState(limits, first_time)
         self.checkpoints = 0
         self.ready = asyncio.Event()
         self._unacked: list = []
@@ -74,6 +76,7 @@ class Aggregator:
         self._unacked = []  # the broker redelivers whatever we had not acknowledged
         await client.subscribe(self.topics.all_orders, qos=1)
         await client.subscribe(self.topics.all_producers, qos=1)
+        await client.subscribe(self.topics.all_chatbot, qos=1)
         self.ready.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(client), name=f"aggregator-{self.shard}-consume")
@@ -90,7 +93,10 @@ class Aggregator:
                 ack(client, message)
                 continue
             try:
-                self.state.apply(decode(payload, self.state.limits))
+                if message.topic.matches(self.topics.all_chatbot):
+                    self.state.apply_chatbot(decode_chatbot(payload, self.state.limits))
+                else:
+                    self.state.apply(decode(payload, self.state.limits))
             except BatchError as exc:
                 self.state.reject(exc.reason)
                 log.info("rejected batch on %s: %s", message.topic, exc)

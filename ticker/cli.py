@@ -10,20 +10,22 @@ import asyncio
 import dataclasses
 import logging
 import os
+import ssl
 import sys
 import time
 import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import orjson
 
 from simulator.publisher import PublishReport, publish_scenario
-from simulator.scenario import SCENARIOS, Scenario
+from simulator.scenario import Scenario, scenario_for_year, scenario_names
 
-from .dimensions import FESTIVAL_2020
-from .errors import ConfigError
 from .aggregator import Aggregator
+from .dimensions import Window
+from .errors import ConfigError
 from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
 from .server import TickerServer
 from .wire import Limits
@@ -36,9 +38,9 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigError(message)
 
 
-def _speed(text: str) -> float | None:
-    if text == "max":
-        return None
+def _speed(text: str) -> float | str | None:
+    if text in ("max", "auto"):
+        return None if text == "max" else text
     try:
         value = float(text)
     except ValueError:
@@ -58,6 +60,15 @@ def _positive(kind: type, upper: float = float("inf")):
             raise argparse.ArgumentTypeError(f"must be a number in (0, {upper:g}], not {text!r}")
         return value
     return parse
+
+
+def _origin(text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.path \
+            or parts.query or parts.fragment or parts.username:
+        raise argparse.ArgumentTypeError(
+            f"must be scheme://host[:port] as browsers send it, not {text!r}")
+    return text
 
 
 def _port(text: str) -> int:
@@ -83,9 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CA certificate(s) for mqtts:// (default: the system's)")
 
     def simulation(p: argparse.ArgumentParser, default_speed: str) -> None:
-        p.add_argument("--scenario", choices=sorted(SCENARIOS), default="2020")
+        p.add_argument("--scenario", choices=scenario_names(), default="2020",
+                       help="festival year to replay (default 2020)")
         p.add_argument("--speed", type=_speed, default=_speed(default_speed),
-                       help=f"simulated time per wall time, or 'max' (default {default_speed})")
+                       help=f"simulated time per wall time, 'max', or 'auto': the whole window "
+                            f"in {DEMO_MINUTES} minutes (default {default_speed})")
         p.add_argument("--seed", type=int, default=2020)
         p.add_argument("--order-scale", type=_positive(float, 1.0),
                        default=0.001, help="fraction of the real order count (default 0.001)")
@@ -97,14 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
         p.add_argument("--port", type=_port, default=default_port,
                        help=f"HTTP/websocket port (default {default_port})")
-        p.add_argument("--allowed-origin", action="append", metavar="ORIGIN",
+        p.add_argument("--allowed-origin", action="append", metavar="ORIGIN", type=_origin,
                        help="accept websockets only from this Origin (repeatable), "
                             "e.g. https://screens.example.com (default: any)")
 
     demo = commands.add_parser("demo", help="broker, simulator, aggregator and ticker in one")
     common(demo, broker_required=False)
-    speed = FESTIVAL_2020.minutes / DEMO_MINUTES
-    simulation(demo, f"{speed:g}")
+    simulation(demo, "auto")
     serving(demo, 8080)
 
     sim = commands.add_parser("simulate", help="publish a festival's orders to the broker")
@@ -116,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     agg = commands.add_parser("aggregate", help="consume orders into numpy totals")
     common(agg, broker_required=True)
     agg.add_argument("--shard", default="0", help="shard name (default 0)")
+    agg.add_argument("--scenario", choices=scenario_names(), default="2020",
+                     help="festival whose window and brand reference data to use (default 2020)")
+    agg.add_argument("--seed", type=int, default=2020, help="the simulator's seed (brand data)")
     agg.add_argument("--brands", type=_positive(int, 2**32 - 1), default=250_000,
                      help="brand ids accepted: 0..N-1 (default 250000)")
     agg.add_argument("--checkpoint", metavar="PATH", type=Path,
@@ -138,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        if not args.verbose:  # paho logs socket errors that we report ourselves, once
+            logging.getLogger("mqtt").setLevel(logging.CRITICAL)
         broker = _broker(args)
         run = {"demo": _demo, "simulate": _simulate, "aggregate": _aggregate,
                "serve": _serve}[args.command]
@@ -160,23 +177,36 @@ def _broker(args: argparse.Namespace) -> BrokerSettings | None:
             password = Path(args.password_file).read_text().strip()
         except OSError as exc:
             raise ConfigError(f"--password-file={args.password_file}: {exc.strerror}") from None
-    if args.ca_file and not Path(args.ca_file).is_file():
-        raise ConfigError(f"--ca-file={args.ca_file}: no such file")
+    if password and not args.username:
+        raise ConfigError("--password-file (or GMV_MQTT_PASSWORD) needs --username")
+    if args.ca_file:
+        try:
+            ssl.create_default_context(cafile=args.ca_file)
+        except FileNotFoundError:
+            raise ConfigError(f"--ca-file={args.ca_file}: no such file") from None
+        except (ssl.SSLError, OSError):
+            raise ConfigError(f"--ca-file={args.ca_file}: not a PEM CA certificate") from None
     if not args.broker:
         if args.username or password or args.ca_file:
             raise ConfigError("--username, --password-file and --ca-file need --broker")
         return None
-    return BrokerSettings.from_url(args.broker, username=args.username, password=password,
-                                   ca_file=args.ca_file)
+    broker = BrokerSettings.from_url(args.broker, username=args.username, password=password,
+                                     ca_file=args.ca_file)
+    if args.ca_file and not broker.tls:
+        raise ConfigError(f"--ca-file needs an mqtts:// broker, not {broker.url}")
+    return broker
 
 
 def _scenario(args: argparse.Namespace) -> Scenario:
-    return dataclasses.replace(SCENARIOS[args.scenario], seed=args.seed,
-                               order_scale=args.order_scale)
+    scenario = scenario_for_year(int(args.scenario), seed=args.seed,
+                                 order_scale=getattr(args, "order_scale", 0.001))
+    if getattr(args, "speed", None) == "auto":
+        args.speed = scenario.window.minutes / DEMO_MINUTES
+    return scenario
 
 
-def _limits(brands: int = 250_000) -> Limits:
-    return Limits(n_brands=brands, n_minutes=FESTIVAL_2020.minutes,
+def _limits(window: Window, brands: int = 250_000) -> Limits:
+    return Limits(n_brands=brands, n_minutes=window.minutes,
                   n_countries=12, n_platforms=3, max_order_cents=10**10)
 
 
@@ -215,10 +245,12 @@ async def _simulate(args: argparse.Namespace, broker: BrokerSettings) -> int:
 
 async def _aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
     await _check_broker(broker)
-    aggregator = Aggregator(broker, Topics(args.prefix), _limits(args.brands), FESTIVAL_2020,
-                            shard=args.shard, checkpoint_path=args.checkpoint,
+    scenario = _scenario(args)
+    first_time = scenario.catalog.first_time if args.brands == scenario.n_brands else None
+    aggregator = Aggregator(broker, Topics(args.prefix), _limits(scenario.window, args.brands),
+                            scenario.window, shard=args.shard, checkpoint_path=args.checkpoint,
                             checkpoint_interval=args.checkpoint_interval,
-                            max_unacked=args.max_unacked)
+                            max_unacked=args.max_unacked, first_time=first_time)
     resumed = (f", resuming {aggregator.state.orders:,} orders from {args.checkpoint}"
                if aggregator.restored else "")
     print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard "
@@ -250,7 +282,9 @@ async def _demo(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
             await _check_broker(broker)
         server = TickerServer(allowed_origins=args.allowed_origin)
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
-        aggregator = Aggregator(broker, topics, _limits(), FESTIVAL_2020)
+        scenario = _scenario(args)
+        aggregator = Aggregator(broker, topics, _limits(scenario.window), scenario.window,
+                                first_time=scenario.catalog.first_time)
         async with asyncio.TaskGroup() as tg:
             tg.create_task(aggregator.run(), name="aggregator")
             tg.create_task(watch_totals(broker, topics, server.receive_totals), name="watch")
@@ -261,7 +295,7 @@ async def _demo(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
                   f"(broker {broker.url}, speed {speed}; Ctrl-C stops)", flush=True)
             async with ReliablePublisher(broker) as publisher:
                 report = await publish_scenario(
-                    publisher, _scenario(args), topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
+                    publisher, scenario, topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
                     speed=args.speed, batch_orders=args.batch_orders,
                     binary=args.encoding == "binary")
             print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "

@@ -39,6 +39,9 @@ class BrokerSettings:
     def from_url(cls, url: str, **options) -> BrokerSettings:
         """Parse `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (ports 1883 / 8883 by default)."""
         parts = urlsplit(url)
+        if parts.username or parts.password:
+            raise ConfigError("--broker: put no user or password in the URL (it shows in ps); "
+                              "use --username and --password-file")
         if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname \
                 or parts.path not in ("", "/"):
             raise ConfigError(f"--broker={url}: expected mqtt://HOST:PORT or mqtts://HOST:PORT")
@@ -73,6 +76,13 @@ class Topics:
     def all_totals(self) -> str:
         return f"{self.prefix}/totals/+"
 
+    def chatbot(self, partition: int = 0) -> str:
+        return f"{self.prefix}/chatbot/{partition}"
+
+    @property
+    def all_chatbot(self) -> str:
+        return f"{self.prefix}/chatbot/+"
+
     def rejected(self, reason: str) -> str:
         return f"{self.prefix}/rejected/{reason}"
 
@@ -98,6 +108,7 @@ async def connect(broker: BrokerSettings, identifier: str | None = None, *,
     if manual_ack:
         # aiomqtt does not expose paho's manual acknowledgement; its paho client does.
         client._client.manual_ack_set(True)
+    _fail_fast_before_connack(client)
     try:
         await client.__aenter__()
     except aiomqtt.MqttError as exc:
@@ -106,6 +117,20 @@ async def connect(broker: BrokerSettings, identifier: str | None = None, *,
         yield client
     finally:
         await client.__aexit__(None, None, None)
+
+
+def _fail_fast_before_connack(client: aiomqtt.Client) -> None:
+    """aiomqtt ignores a disconnect before CONNACK and waits out its timeout (10 s, e.g. on
+    mqtt:// to a TLS port); fail the connection attempt at once instead."""
+    paho, original = client._client, client._client.on_disconnect
+
+    def on_disconnect(*args: object) -> None:
+        if not client._connected.done():
+            client._connected.set_exception(aiomqtt.MqttError(
+                "the broker closed the connection before accepting it "
+                "(a TLS port needs mqtts://)"))
+        original(*args)
+    paho.on_disconnect = on_disconnect
 
 
 def ack(client: aiomqtt.Client, message: aiomqtt.Message) -> None:

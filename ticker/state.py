@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .wire import Limits, OrderBatch
+from .wire import ChatbotCount, Limits, OrderBatch
 
 
 @dataclass
@@ -87,8 +87,14 @@ class Watermarks:
 class AggregateState:
     """Running totals of one aggregator shard. `apply` batches, read with `snapshot`."""
 
-    def __init__(self, limits: Limits) -> None:
+    def __init__(self, limits: Limits, first_time: np.ndarray | None = None) -> None:
+        """`first_time`: optional reference data, a bool per brand id marking brands new to
+        the festival, so their active count can be shown."""
+        if first_time is not None and first_time.shape != (limits.n_brands,):
+            raise ValueError(f"first_time has shape {first_time.shape}, "
+                             f"expected ({limits.n_brands},)")
         self.limits = limits
+        self.first_time = first_time
         self.gmv_by_brand = np.zeros(limits.n_brands, np.int64)
         self.orders_by_brand = np.zeros(limits.n_brands, np.int64)
         self.gmv_by_minute = np.zeros(limits.n_minutes, np.int64)
@@ -97,6 +103,8 @@ class AggregateState:
         self.orders_by_country = np.zeros(limits.n_countries, np.int64)
         self.gmv_by_platform = np.zeros(limits.n_platforms, np.int64)
         self.orders_by_platform = np.zeros(limits.n_platforms, np.int64)
+        self.brand_overseas = np.zeros(limits.n_brands, np.uint8)  # 1: sold from abroad
+        self.chatbot_queries = 0
         self.gmv_cents = 0
         self.orders = 0
         self.batches = 0
@@ -118,6 +126,7 @@ class AggregateState:
         np.add.at(self.gmv_by_platform, batch.platform, amount)
         self.orders_by_country += np.bincount(batch.country, minlength=self.limits.n_countries)
         self.orders_by_platform += np.bincount(batch.platform, minlength=self.limits.n_platforms)
+        self.brand_overseas[batch.brand[batch.country != 0]] = 1
         self.gmv_by_minute[batch.minute] += batch_gmv
         self.orders_by_minute[batch.minute] += n
         self.gmv_cents += batch_gmv
@@ -127,6 +136,17 @@ class AggregateState:
         self.watermarks.mark(batch.producer, batch.seq)
         return True
 
+    def apply_chatbot(self, event: ChatbotCount) -> bool:
+        """Add a chatbot query count; False (and counted) if already applied."""
+        key = f"{event.producer}#chatbot"  # its own sequence, beside the producer's orders
+        if self.watermarks.seen(key, event.seq):
+            self.duplicates += 1
+            return False
+        self.chatbot_queries += event.queries
+        self.latest_minute = max(self.latest_minute, event.minute)
+        self.watermarks.mark(key, event.seq)
+        return True
+
     def reject(self, reason: str) -> None:
         """Count a batch that `wire.decode` refused; the totals are untouched."""
         self.rejected[reason] += 1
@@ -134,11 +154,13 @@ class AggregateState:
     def scalars(self) -> dict[str, object]:
         """The non-array part of the state, for checkpoints."""
         return {"gmv_cents": self.gmv_cents, "orders": self.orders, "batches": self.batches,
+                "chatbot_queries": self.chatbot_queries,
                 "latest_minute": self.latest_minute, "duplicates": self.duplicates,
                 "rejected": dict(self.rejected), "watermarks": self.watermarks.dump()}
 
     def restore_scalars(self, scalars: dict) -> None:
-        for name in ("gmv_cents", "orders", "batches", "latest_minute", "duplicates"):
+        for name in ("gmv_cents", "orders", "batches", "latest_minute", "duplicates",
+                     "chatbot_queries"):
             setattr(self, name, int(scalars[name]))
         self.rejected = Counter(scalars["rejected"])
         self.watermarks = Watermarks.from_dump(scalars["watermarks"])
@@ -150,6 +172,11 @@ class AggregateState:
             "gmv_cents": self.gmv_cents,
             "orders": self.orders,
             "brands_active": int(np.count_nonzero(self.orders_by_brand)),
+            "brands_overseas_active": int(np.count_nonzero(self.brand_overseas)),
+            "brands_first_time_active": (
+                int(np.count_nonzero(self.orders_by_brand[self.first_time]))
+                if self.first_time is not None else None),
+            "chatbot_queries": self.chatbot_queries,
             "minute": minute if minute >= 0 else None,
             "gmv_minute_cents": int(self.gmv_by_minute[minute]) if minute >= 0 else 0,
             "country_gmv_cents": self.gmv_by_country.tolist(),

@@ -85,6 +85,49 @@ class OrderBatch:
         return int(self.amount_cents.sum())
 
 
+@dataclass(frozen=True)
+class ChatbotCount:
+    """Customer-service chatbot queries answered in one simulated minute: its own stream."""
+
+    producer: str
+    seq: int
+    minute: int
+    queries: int
+
+
+MAX_CHATBOT_QUERIES = 10**12
+
+
+def encode_chatbot(event: ChatbotCount) -> bytes:
+    return orjson.dumps({"v": VERSION, "producer": event.producer, "seq": event.seq,
+                         "minute": event.minute, "queries": event.queries})
+
+
+def decode_chatbot(payload: bytes, limits: Limits) -> ChatbotCount:
+    """Parse and validate one chatbot count (JSON only), or raise `BatchError`."""
+    if len(payload) > 4096:
+        raise BatchError("oversized", f"{len(payload)} bytes > 4096")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BatchError("bad_json", str(exc)) from None
+    if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != VERSION:
+        raise BatchError("bad_version", f"v={doc.get('v') if isinstance(doc, dict) else doc!r}")
+    producer = doc.get("producer")
+    if not isinstance(producer, str) or not 0 < len(producer) <= MAX_PRODUCER_LEN \
+            or not producer.isprintable():
+        raise BatchError("bad_producer", f"producer={producer!r}")
+    values = {name: doc.get(name) for name in ("seq", "minute", "queries")}
+    for name, value in values.items():
+        if type(value) is not int:
+            raise BatchError("bad_type", f"{name}={value!r} is not an integer")
+    if not 0 <= values["seq"] <= MAX_SEQ or not 0 <= values["minute"] < limits.n_minutes:
+        raise BatchError("out_of_range", f"seq={values['seq']}, minute={values['minute']}")
+    if not 0 <= values["queries"] <= MAX_CHATBOT_QUERIES:
+        raise BatchError("bad_amount", f"queries={values['queries']}")
+    return ChatbotCount(producer, **values)
+
+
 def encode(batch: OrderBatch, *, binary: bool = True) -> bytes:
     """Serialise a batch; the inverse of `decode`."""
     if binary:
