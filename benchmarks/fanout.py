@@ -7,7 +7,8 @@ Three processes, all on 127.0.0.1, every run bounded in time:
 
 * server   (`--role server`, started by this script): the real `ticker.server.TickerServer`
   (variant `task`), or a variant class defined below, serving on a free port. A driver
-  calls `receive_totals` 10 times a second on an absolute schedule with a changing shard
+  calls `receive_totals` 10 times a second on an absolute schedule (half a period out of
+  phase with the pusher's first tick) with a changing shard
   totals message whose `gmv_cents` is the wall-clock time of the call in microseconds, and
   runs the server's own `run_pusher()` (10 Hz). `feed.publish` is wrapped on the instance
   (no product file is touched) to log the wall-clock time at which each version was made.
@@ -189,7 +190,11 @@ async def server_main(args: argparse.Namespace) -> None:
     injected = []
 
     async def inject() -> None:
-        period, t0, i = 1.0 / args.hz, time.monotonic(), 0
+        # Half a period out of phase with the pusher's ticks, so that timer jitter does not
+        # make two injections fall between the same two ticks (one version lost).
+        period, i = 1.0 / args.hz, 0
+        t0 = time.monotonic() + period / 2
+        await asyncio.sleep(period / 2)
         while True:
             now = time.time()
             server.receive_totals(_totals(i, int(now * 1e6)))
@@ -549,6 +554,32 @@ def print_row(r: dict) -> None:
           f"{r['snapshot_frames']:>7}{ {True: '  yes', False: '   no', None: '    -'}[r['meets_goal']]}", flush=True)
 
 
+def summarize(runs: list[dict]) -> list[dict]:
+    """Medians over repetitions per (variant, viewers)."""
+    keys = sorted({(r["variant"], r["viewers"]) for r in runs}, key=lambda k: (k[1], k[0]))
+    out = []
+    for variant, n in keys:
+        rs = [r for r in runs if r["variant"] == variant and r["viewers"] == n]
+
+        def med(get):
+            values = [get(r) for r in rs]
+            values = [v for v in values if v is not None and np.isfinite(v)]
+            return float(np.median(values)) if values else None
+
+        out.append({"variant": variant, "viewers": n, "repetitions": len(rs),
+                    "server_cores": med(lambda r: r["server_cores"]),
+                    "server_cpu_us_per_delivered_frame":
+                        med(lambda r: r["server_cpu_us_per_delivered_frame"]),
+                    "server_versions_per_s": med(lambda r: r["server_versions_per_s"]),
+                    "updates_per_s_per_viewer_median":
+                        med(lambda r: (r["updates_per_s_per_viewer"] or {}).get("median")),
+                    "catch_up_p50_ms": med(lambda r: r["catch_up_to_newest_ms"]["p50"]),
+                    "catch_up_p99_ms": med(lambda r: r["catch_up_to_newest_ms"]["p99"]),
+                    "catch_up_max_ms": med(lambda r: r["catch_up_to_newest_ms"]["max"]),
+                    "others_cores": med(lambda r: r["others_cores"])})
+    return out
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     import tempfile
 
@@ -564,14 +595,23 @@ def orchestrate(args: argparse.Namespace) -> int:
     print(f"{'':<10}{'':>7}{'':>7}{'(cores)':>8}{'(cores)':>8}{'':>7}{'median':>7}{'':>6}"
           f"{'(ms)':>8}{'(ms)':>8}{'(ms)':>8}{'(ms)':>8}{'(ms)':>8}{'(ms)':>8}")
     with tempfile.TemporaryDirectory(prefix="gmv-fanout-") as tmp:
-        for variant in args.variant:
+        # Repetitions interleave the variants, so that they share the machine's noise.
+        for rep in range(args.repeat):
             for n in args.viewers:
-                if time.monotonic() - started > args.max_seconds:
-                    print(f"skipping {variant} N={n}: over --max-seconds", flush=True)
-                    continue
-                result = run_one(variant, n, args, Path(tmp))
-                doc["runs"].append(result)
-                print_row(result)
+                for variant in args.variant:
+                    if time.monotonic() - started > args.max_seconds:
+                        print(f"skipping {variant} N={n}: over --max-seconds", flush=True)
+                        continue
+                    result = run_one(variant, n, args, Path(tmp))
+                    result["repetition"] = rep
+                    doc["runs"].append(result)
+                    print_row(result)
+    doc["summary"] = summarize(doc["runs"])
+    if args.repeat > 1:
+        print("medians over repetitions:")
+        for row in doc["summary"]:
+            print("  " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                                   for k, v in row.items()))
     doc["seconds"] = time.monotonic() - started
     if args.json:
         write_json(args.json, doc)
@@ -588,6 +628,8 @@ def main() -> int:
     parser.add_argument("--viewers", type=int, nargs="+", default=[100, 1000, 2000, 5000])
     parser.add_argument("--client", choices=("raw", "websockets"), default="raw")
     parser.add_argument("--hz", type=float, default=10.0, help="totals injected per second")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repetitions; each one runs every variant in turn")
     parser.add_argument("--viewer-procs", type=int, default=2,
                         help="processes the viewers are split across (default 2)")
     parser.add_argument("--window", type=float, default=8.0, help="measured seconds")

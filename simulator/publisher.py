@@ -1,24 +1,75 @@
-"""Publishing loop: the simulator's I/O shell around the pure scenario.
+"""Publishing loop: the simulator's I/O shell around a pure source of minutes.
 
-Minute m of the replay is due at `t0 + (m - first) * 60 / speed` on the monotonic clock:
-an absolute schedule, so time spent generating and publishing never accumulates as drift.
-At `speed=None` ("max") nothing waits. Publishing goes through a `ReliablePublisher`, which
-pipelines QoS 1 messages and re-sends whatever a lost connection left unacknowledged.
+Minute m is published when the `PlaybackClock` says it is due: an absolute schedule, so
+time spent generating and publishing never accumulates as drift, and pause, speed and seek
+only move the clock's anchor. Minutes behind the clock (after `--from` or a forward seek)
+are published at once, so the totals at any point equal the festival's to that point. A
+backward seek or a new loop first asks the aggregators to reset, then replays from the
+start under a new producer epoch, so nothing is counted twice.
+
+Publishing goes through a `ReliablePublisher`, which pipelines QoS 1 messages and re-sends
+whatever a lost connection left unacknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import orjson
 
+from ticker.control import Command, ControlError, minute_of
+from ticker.dimensions import Window
 from ticker.mqtt import ReliablePublisher, Topics
 from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
+from .playback import PlaybackClock
 from .scenario import Scenario
+
+log = logging.getLogger(__name__)
+Message = OrderBatch | ChatbotCount
+
+
+class Source(Protocol):
+    name: str
+    window: Window
+
+    def messages(self, minute: int) -> list[Message]:
+        """The minute's batches and counts (producer and seq are filled in when published)."""
+
+
+@dataclass
+class ScenarioSource:
+    scenario: Scenario
+    batch_orders: int = 10_000
+
+    @property
+    def name(self) -> str:
+        return self.scenario.name
+
+    @property
+    def window(self) -> Window:
+        return self.scenario.window
+
+    def messages(self, minute: int) -> list[Message]:
+        orders = self.scenario.orders(minute)
+        out: list[Message] = [
+            OrderBatch("", 0, minute, part.amount_cents, part.brand, part.country, part.platform)
+            for part in (orders.slice(i, i + self.batch_orders)
+                         for i in range(0, len(orders), self.batch_orders))]
+        # Chatbot queries are their own stream, one count per 10 simulated minutes.
+        last = self.window.minutes - 1
+        if minute % 10 == 9 or minute == last:
+            queries = int(self.scenario.minute_chatbot_queries[minute - minute % 10:minute + 1]
+                          .sum())
+            if queries:
+                out.append(ChatbotCount("", 0, minute, queries))
+        return out
 
 
 @dataclass
@@ -29,50 +80,155 @@ class PublishReport:
     batches: int = 0
     minutes: int = 0
     chatbot_queries: int = 0
+    resets: int = 0
     seconds: float = 0.0
+
+
+class Replay:
+    """Publishes a source on a playback clock and obeys control commands."""
+
+    def __init__(self, publisher: ReliablePublisher, source: Source, topics: Topics, *,
+                 producer: str, speed: float | None, from_minute: int = 0,
+                 last_minute: int | None = None, loop: bool = False, binary: bool = True,
+                 control_token: str | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.publisher, self.source, self.topics = publisher, source, topics
+        self.base_producer, self.binary, self.loop = producer, binary, loop
+        self.control_token = control_token
+        self.last = source.window.minutes - 1 if last_minute is None else last_minute
+        self._now = clock
+        self.clock = PlaybackClock(clock(), speed=speed, minute=from_minute)
+        self.report = PublishReport(producer)
+        self.next_minute = 0
+        self.epoch = 0
+        self._seq = {"orders": 0, "chatbot": 0}  # each stream has its own sequence
+        self._changed = asyncio.Event()
+        self._state = "playing"
+        self._status_sent: tuple[object, ...] = ()
+        self._status_at = -1e9
+
+    @property
+    def producer(self) -> str:
+        return self.base_producer if self.epoch == 0 else f"{self.base_producer}-e{self.epoch}"
+
+    async def run(self, progress: Callable[[PublishReport], None] | None = None) \
+            -> PublishReport:
+        start = self._now()
+        await self._status()
+        while True:
+            if self.next_minute > self.last:
+                if not self.loop:
+                    break
+                await self._restart(0)
+            wait = self.clock.due(self.next_minute, self._now())
+            if wait > 0:
+                await self._wait(wait)
+                continue
+            await self._publish_minute(self.next_minute)
+            self.next_minute += 1
+            if progress is not None:
+                progress(self.report)
+        await self._announce()
+        await self.publisher.flush()
+        self._state = "done"
+        await self._status()
+        self.report.seconds = self._now() - start
+        return self.report
+
+    async def _wait(self, seconds: float) -> None:
+        self._changed.clear()
+        try:
+            await asyncio.wait_for(self._changed.wait(), min(seconds, 1.0))
+        except TimeoutError:
+            pass
+        if self._state != "paused":
+            await self._status()
+
+    async def _publish_minute(self, minute: int) -> None:
+        for message in self.source.messages(minute):
+            stream = "chatbot" if isinstance(message, ChatbotCount) else "orders"
+            message = dataclasses.replace(message, producer=self.producer,
+                                          seq=self._seq[stream])
+            self._seq[stream] += 1
+            if isinstance(message, ChatbotCount):
+                await self.publisher.send(self.topics.chatbot(0), encode_chatbot(message))
+                self.report.chatbot_queries += message.queries
+                continue
+            await self.publisher.send(self.topics.orders(0), encode(message, binary=self.binary))
+            self.report.gmv_cents += message.gmv_cents
+            self.report.orders += len(message)
+            self.report.batches += 1
+        self.report.minutes += 1
+
+    async def _announce(self) -> None:
+        """Say how far we got, so a consumer can tell a lost tail from the end of the stream."""
+        await self.publisher.send(self.topics.producer(self.producer), orjson.dumps(
+            {"v": 1, "producer": self.producer, "last_seq": self._seq["orders"] - 1,
+             "chatbot_last_seq": self._seq["chatbot"] - 1,
+             "batches": self.report.batches, "orders": self.report.orders,
+             "gmv_cents": self.report.gmv_cents}))
+
+    async def _restart(self, target: int) -> None:
+        """Reset the aggregators and replay from the start, fast, up to `target`."""
+        await self._announce()
+        await self.publisher.flush()
+        if self.control_token is not None:
+            await self.publisher.send(self.topics.control,
+                                      Command("reset").encode(self.control_token))
+            await self.publisher.flush()
+        self.epoch += 1
+        self._seq = {"orders": 0, "chatbot": 0}
+        self.next_minute = 0
+        self.report = dataclasses.replace(PublishReport(self.producer),
+                                          resets=self.report.resets + 1)
+        self.clock.seek(target, self._now())
+
+    async def control(self, command: Command) -> None:
+        """Apply an authorised command (the caller has checked the token)."""
+        now = self._now()
+        if command.cmd == "pause":
+            self.clock.pause(now)
+            self._state = "paused"
+        elif command.cmd == "resume":
+            self.clock.resume(now)
+            self._state = "playing"
+        elif command.cmd == "speed":
+            if self.clock.speed is None:  # at max the clock runs ahead: continue from here
+                self.clock.seek(self.next_minute, now)
+            self.clock.set_speed(command.speed, now)
+        elif command.cmd == "seek":
+            target = minute_of(command.to or "", self.source.window)
+            if target < self.next_minute:
+                if self.control_token is None:
+                    raise ControlError("seeking back needs a control token to reset totals")
+                await self._restart(target)
+            else:
+                self.clock.seek(target, now)
+        self._changed.set()
+        await self._status()
+
+    async def _status(self) -> None:
+        """Retained replay status, shown on the page: on a change, else at most once a second."""
+        now = self._now()
+        seeking = self.next_minute < min(self.clock.position(now), self.last)
+        state = "seeking" if seeking and self._state == "playing" else self._state
+        key = (state, self.clock.speed, self.loop, self.source.name)
+        if key == self._status_sent and now - self._status_at < 1.0:
+            return
+        self._status_sent, self._status_at = key, now
+        await self.publisher.send(self.topics.replay, orjson.dumps(
+            {"v": 1, "state": state, "speed": self.clock.speed, "minute": self.next_minute,
+             "scenario": self.source.name, "loop": self.loop}), retain=True)
 
 
 async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, topics: Topics,
                            *, producer: str, speed: float | None, batch_orders: int = 10_000,
-                           binary: bool = True, first_minute: int = 0,
+                           binary: bool = True, from_minute: int = 0,
                            last_minute: int | None = None,
                            progress: Callable[[PublishReport], None] | None = None,
-                           clock: Callable[[], float] = time.monotonic) -> PublishReport:
-    """Publish minutes `first_minute..last_minute` of `scenario`; return what was sent."""
-    last = scenario.window.minutes - 1 if last_minute is None else last_minute
-    report = PublishReport(producer)
-    t0 = clock()
-    seq = chat_seq = chat_pending = 0
-    for minute in range(first_minute, last + 1):
-        if speed is not None:
-            delay = t0 + (minute - first_minute) * 60.0 / speed - clock()
-            if delay > 0:
-                await asyncio.sleep(delay)
-        orders = scenario.orders(minute)
-        for start in range(0, len(orders), batch_orders):
-            part = orders.slice(start, start + batch_orders)
-            batch = OrderBatch(producer, seq, minute, part.amount_cents, part.brand,
-                               part.country, part.platform)
-            seq += 1
-            await publisher.send(topics.orders(0), encode(batch, binary=binary))
-            report.gmv_cents += batch.gmv_cents
-            report.orders += len(batch)
-            report.batches += 1
-        # Chatbot queries are their own stream, one count per 10 simulated minutes.
-        chat_pending += int(scenario.minute_chatbot_queries[minute])
-        if chat_pending and (minute % 10 == 9 or minute == last):
-            await publisher.send(topics.chatbot(0), encode_chatbot(
-                ChatbotCount(producer, chat_seq, minute, chat_pending)))
-            report.chatbot_queries += chat_pending
-            chat_seq, chat_pending = chat_seq + 1, 0
-        report.minutes += 1
-        if progress is not None:
-            progress(report)
-    await publisher.flush()
-    # Say how far we got, so a consumer can tell a lost tail from the end of the stream.
-    await publisher.send(topics.producer(producer), orjson.dumps(
-        {"v": 1, "producer": producer, "last_seq": seq - 1, "batches": report.batches,
-         "orders": report.orders, "gmv_cents": report.gmv_cents}))
-    await publisher.flush()
-    report.seconds = clock() - t0
-    return report
+                           ) -> PublishReport:
+    """Publish `scenario` once, from its start, at `speed` (None: as fast as possible)."""
+    replay = Replay(publisher, ScenarioSource(scenario, batch_orders), topics,
+                    producer=producer, speed=speed, from_minute=from_minute,
+                    last_minute=last_minute, binary=binary)
+    return await replay.run(progress)

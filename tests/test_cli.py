@@ -95,6 +95,7 @@ def test_demo_runs_everything_in_one_process_and_stops_on_ctrl_c():
         totals = wait_totals(int(match.group(1)), lambda t: t["gmv_cents"] == TOTAL
                              and t["minute"] == 15839)
         assert totals["stats"]["rejected"] == 0 and totals["stats"]["gaps"] == 0
+        assert "?operator=1 (token: " in demo.stdout.readline()
         assert "replay done" in demo.stdout.readline()
     finally:
         demo.send_signal(signal.SIGINT)

@@ -415,10 +415,13 @@ def test_serve_listens_on_loopback_only_by_default(mosquitto, topics):
 # --- 5. viewers -----------------------------------------------------------------------------
 
 async def next_totals(ws) -> dict:
-    """The next snapshot or update frame, skipping heartbeats (5 s at most)."""
+    """The next snapshot or update frame, skipping heartbeats and the refusals of fake
+    control commands (5 s at most)."""
     async with asyncio.timeout(5):
-        while (frame := orjson.loads(await ws.recv()))["type"] == "heartbeat":
-            pass
+        while (frame := orjson.loads(await ws.recv()))["type"] not in ("snapshot", "update"):
+            assert frame["type"] == "heartbeat" or frame == {
+                "type": "control_result", "ok": False, "cmd": None,
+                "error": "this server has no replay control"}, frame
     return frame
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import orjson
 
 from . import checkpoint
+from .control import ControlError, decode_command
 from .dimensions import Window
 from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting
 from .state import AggregateState
@@ -35,7 +36,8 @@ class Aggregator:
     def __init__(self, broker: BrokerSettings, topics: Topics, limits: Limits, window: Window,
                  *, shard: str = "0", checkpoint_path: Path | None = None,
                  checkpoint_interval: float = 1.0, max_unacked: int = 16,
-                 totals_interval: float = 0.2, first_time: np.ndarray | None = None) -> None:
+                 totals_interval: float = 0.2, first_time: np.ndarray | None = None,
+                 control_token: str | None = None) -> None:
         if checkpoint_interval <= 0:
             raise ValueError(f"checkpoint_interval={checkpoint_interval}: must be positive")
         if max_unacked <= 0:
@@ -50,6 +52,8 @@ class Aggregator:
         self.restored = restored is not None
         self.state = restored or AggregateState(limits, first_time)
         self.checkpoints = 0
+        self.control_token = control_token  # a replay may reset the totals with this token
+        self.resets = 0
         self.ready = asyncio.Event()
         self._unacked: list = []
         self._last_checkpoint = time.monotonic()
@@ -77,6 +81,8 @@ class Aggregator:
         await client.subscribe(self.topics.all_orders, qos=1)
         await client.subscribe(self.topics.all_producers, qos=1)
         await client.subscribe(self.topics.all_chatbot, qos=1)
+        if self.control_token is not None:
+            await client.subscribe(self.topics.control, qos=1)
         self.ready.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(client), name=f"aggregator-{self.shard}-consume")
@@ -90,6 +96,10 @@ class Aggregator:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             if message.topic.matches(self.topics.all_producers):
                 self._note_announcement(payload)
+                ack(client, message)
+                continue
+            if message.topic.matches(self.topics.control):
+                await self._obey(payload, client)
                 ack(client, message)
                 continue
             try:
@@ -108,6 +118,18 @@ class Aggregator:
             if len(self._unacked) >= self.max_unacked:
                 await self.checkpoint(client)
 
+    async def _obey(self, payload: bytes, client) -> None:
+        """A replay going back to its start asks for `reset`: totals start again from zero."""
+        try:
+            command = decode_command(payload, self.control_token)
+        except ControlError as exc:
+            log.warning("ignoring a control message: %s", exc)
+            return
+        if command.cmd == "reset":
+            self.state = AggregateState(self.state.limits, self.state.first_time)
+            self.resets += 1
+            await self.checkpoint(client)
+
     def _note_announcement(self, payload: bytes) -> None:
         """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
         try:
@@ -118,6 +140,9 @@ class Aggregator:
             return
         if isinstance(producer, str) and type(last_seq) is int and last_seq >= 0:
             self.state.watermarks.announce(producer, last_seq)
+        chatbot_last = note.get("chatbot_last_seq")
+        if isinstance(producer, str) and type(chatbot_last) is int and chatbot_last >= 0:
+            self.state.watermarks.announce(f"{producer}#chatbot", chatbot_last)
 
     async def _checkpoint_timer(self, client) -> None:
         while True:

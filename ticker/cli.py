@@ -1,36 +1,25 @@
-"""`gmv` command line: demo, simulate, aggregate, serve. The only place that calls asyncio.run.
+"""`gmv` command line: parse and check the settings, then run one command of `app.py`.
 
-A bad setting exits 2 with one line naming it; Ctrl-C stops cleanly with exit 0.
+The only place that calls asyncio.run. A bad setting exits 2 with one line naming it, an
+unreachable broker exits 1 with one line, and Ctrl-C stops cleanly with exit 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import logging
 import os
 import ssl
 import sys
-import time
-import uuid
-from contextlib import AsyncExitStack
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import orjson
+from simulator.scenario import scenario_names
 
-from simulator.publisher import PublishReport, publish_scenario
-from simulator.scenario import Scenario, scenario_for_year, scenario_names
-
-from .aggregator import Aggregator
-from .dimensions import Window
+from . import app
 from .errors import ConfigError
-from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
-from .server import TickerServer
-from .wire import Limits
-
-DEMO_MINUTES = 10  # the default demo replays the whole window in about this many minutes
+from .mqtt import BrokerSettings
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,10 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def common(p: argparse.ArgumentParser, *, broker_required: bool) -> None:
-        p.add_argument("--broker", required=broker_required, metavar="mqtt://HOST:PORT",
-                       help="MQTT broker URL" + ("" if broker_required else
-                                                 " (default: start an embedded broker)"))
+    def broker(p: argparse.ArgumentParser, *, required: bool, embedded: str = "") -> None:
+        p.add_argument("--broker", required=required, metavar="mqtt://HOST:PORT",
+                       help="MQTT broker URL (mqtts:// for TLS)" + embedded)
         p.add_argument("--prefix", default="gmv/v1", help="topic prefix (default gmv/v1)")
         p.add_argument("--username", help="MQTT user name")
         p.add_argument("--password-file", metavar="PATH",
@@ -93,43 +81,73 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ca-file", metavar="PATH",
                        help="CA certificate(s) for mqtts:// (default: the system's)")
 
-    def simulation(p: argparse.ArgumentParser, default_speed: str) -> None:
-        p.add_argument("--scenario", choices=scenario_names(), default="2020",
-                       help="festival year to replay (default 2020)")
-        p.add_argument("--speed", type=_speed, default=_speed(default_speed),
-                       help=f"simulated time per wall time, 'max', or 'auto': the whole window "
-                            f"in {DEMO_MINUTES} minutes (default {default_speed})")
-        p.add_argument("--seed", type=int, default=2020)
-        p.add_argument("--order-scale", type=_positive(float, 1.0),
-                       default=0.001, help="fraction of the real order count (default 0.001)")
-        p.add_argument("--batch-orders", type=_positive(int, 1_000_000),
-                       default=10_000, help="orders per batch at most (default 10000)")
-        p.add_argument("--encoding", choices=("binary", "json"), default="binary")
+    def control(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--control-token", metavar="TOKEN",
+                       help="token for replay control (or set GMV_CONTROL_TOKEN)")
 
-    def serving(p: argparse.ArgumentParser, default_port: int) -> None:
+    def playing(p: argparse.ArgumentParser, default_speed: str) -> None:
+        p.add_argument("--speed", type=_speed, default=_speed(default_speed),
+                       help="simulated time per wall time, 'max', or 'auto': the whole window "
+                            f"in {app.DEMO_MINUTES} minutes (default {default_speed})")
+        p.add_argument("--from", dest="from_", metavar="'MM-DD HH:MM'",
+                       help="start there (everything before is published at once)")
+        p.add_argument("--loop", action="store_true", help="start again at the end")
+        p.add_argument("--seed", type=int, default=2020)
+        p.add_argument("--order-scale", type=_positive(float, 1.0), default=0.001,
+                       help="fraction of the real order count (default 0.001)")
+        p.add_argument("--batch-orders", type=_positive(int, 1_000_000), default=10_000,
+                       help="orders per batch at most (default 10000)")
+        p.add_argument("--encoding", choices=("binary", "json"), default="binary")
+        p.add_argument("--producer", default=None, help="producer id (default: sim-RANDOM)")
+        p.add_argument("--json", action="store_true", help="print the final report as JSON")
+        control(p)
+
+    def scenario(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--scenario", choices=scenario_names(), default="2020",
+                       help=f"festival year {what} (default 2020)")
+
+    def serving(p: argparse.ArgumentParser) -> None:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-        p.add_argument("--port", type=_port, default=default_port,
-                       help=f"HTTP/websocket port (default {default_port})")
+        p.add_argument("--port", type=_port, default=8080, help="HTTP/websocket port (8080)")
         p.add_argument("--allowed-origin", action="append", metavar="ORIGIN", type=_origin,
                        help="accept websockets only from this Origin (repeatable), "
                             "e.g. https://screens.example.com (default: any)")
 
     demo = commands.add_parser("demo", help="broker, simulator, aggregator and ticker in one")
-    common(demo, broker_required=False)
-    simulation(demo, "auto")
-    serving(demo, 8080)
+    broker(demo, required=False, embedded=" (default: an embedded broker)")
+    scenario(demo, "to replay")
+    playing(demo, "auto")
+    serving(demo)
 
     sim = commands.add_parser("simulate", help="publish a festival's orders to the broker")
-    common(sim, broker_required=True)
-    simulation(sim, "max")
-    sim.add_argument("--producer", default=None, help="producer id (default: sim-RANDOM)")
-    sim.add_argument("--json", action="store_true", help="print the final report as JSON")
+    broker(sim, required=True)
+    scenario(sim, "to replay")
+    playing(sim, "max")
+
+    replay = commands.add_parser(
+        "replay", help="replay a year, a curve CSV or a recording (standalone without --broker)")
+    replay.add_argument("source", help="a year 2009-2021, a curve .csv or a `gmv record` file")
+    broker(replay, required=False, embedded=" (default: run everything here, like demo)")
+    playing(replay, "auto")
+    serving(replay)
+
+    record = commands.add_parser("record", help="write the raw order stream to a file")
+    record.add_argument("file", type=Path, help="recording to write")
+    broker(record, required=True)
+    scenario(record, "whose window the stream belongs to")
+    record.add_argument("--idle-exit", type=_positive(float), metavar="S",
+                        help="stop after S seconds without a message (default: run until ^C)")
+
+    ctl = commands.add_parser("control", help="pause, resume, seek or set the speed of a replay")
+    ctl.add_argument("cmd", choices=("pause", "resume", "speed", "seek"))
+    ctl.add_argument("value", nargs="?", help="the speed (a number or 'max') or 'MM-DD HH:MM'")
+    broker(ctl, required=True)
+    control(ctl)
 
     agg = commands.add_parser("aggregate", help="consume orders into numpy totals")
-    common(agg, broker_required=True)
+    broker(agg, required=True)
+    scenario(agg, "whose window and brand reference data to use")
     agg.add_argument("--shard", default="0", help="shard name (default 0)")
-    agg.add_argument("--scenario", choices=scenario_names(), default="2020",
-                     help="festival whose window and brand reference data to use (default 2020)")
     agg.add_argument("--seed", type=int, default=2020, help="the simulator's seed (brand data)")
     agg.add_argument("--brands", type=_positive(int, 2**32 - 1), default=250_000,
                      help="brand ids accepted: 0..N-1 (default 250000)")
@@ -141,10 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--max-unacked", type=_positive(int, 65535), default=16,
                      help="checkpoint when this many batches await acknowledgement; keep it "
                           "below the broker's max_inflight_messages (default 16)")
+    control(agg)
 
     srv = commands.add_parser("serve", help="serve the ticker page and websocket")
-    common(srv, broker_required=True)
-    serving(srv, 8080)
+    broker(srv, required=True)
+    scenario(srv, "to compare with the year before")
+    serving(srv)
+    control(srv)
     return parser
 
 
@@ -156,9 +177,9 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:  # paho logs socket errors that we report ourselves, once
             logging.getLogger("mqtt").setLevel(logging.CRITICAL)
         broker = _broker(args)
-        run = {"demo": _demo, "simulate": _simulate, "aggregate": _aggregate,
-               "serve": _serve}[args.command]
-        return asyncio.run(run(args, broker))
+        if hasattr(args, "control_token") and args.control_token is None:
+            args.control_token = os.environ.get("GMV_CONTROL_TOKEN") or None
+        return asyncio.run(app.run(args, broker))
     except ConfigError as exc:
         print(f"gmv: error: {exc}", file=sys.stderr)
         return 2
@@ -195,129 +216,6 @@ def _broker(args: argparse.Namespace) -> BrokerSettings | None:
     if args.ca_file and not broker.tls:
         raise ConfigError(f"--ca-file needs an mqtts:// broker, not {broker.url}")
     return broker
-
-
-def _scenario(args: argparse.Namespace) -> Scenario:
-    scenario = scenario_for_year(int(args.scenario), seed=args.seed,
-                                 order_scale=getattr(args, "order_scale", 0.001))
-    if getattr(args, "speed", None) == "auto":
-        args.speed = scenario.window.minutes / DEMO_MINUTES
-    return scenario
-
-
-def _limits(window: Window, brands: int = 250_000) -> Limits:
-    return Limits(n_brands=brands, n_minutes=window.minutes,
-                  n_countries=12, n_platforms=3, max_order_cents=10**10)
-
-
-def _progress(every: float = 2.0):
-    last = [time.monotonic()]
-
-    def show(report: PublishReport) -> None:
-        now = time.monotonic()
-        if now - last[0] >= every:
-            last[0] = now
-            print(f"  minute {report.minutes:,}: {report.orders:,} orders, "
-                  f"{_usd(report.gmv_cents)} published", file=sys.stderr)
-    return show
-
-
-def _usd(cents: int) -> str:
-    return f"${cents // 100:,}.{cents % 100:02d}"
-
-
-async def _simulate(args: argparse.Namespace, broker: BrokerSettings) -> int:
-    scenario = _scenario(args)
-    producer = args.producer or f"sim-{uuid.uuid4().hex[:8]}"
-    async with ReliablePublisher(broker) as publisher:
-        report = await publish_scenario(
-            publisher, scenario, Topics(args.prefix), producer=producer, speed=args.speed,
-            batch_orders=args.batch_orders, binary=args.encoding == "binary",
-            progress=_progress())
-    if args.json:
-        print(orjson.dumps(dataclasses.asdict(report)).decode())
-    else:
-        print(f"published {report.orders:,} orders in {report.batches:,} batches, "
-              f"GMV {_usd(report.gmv_cents)} ({report.gmv_cents} cents), "
-              f"in {report.seconds:.1f} s as {producer}")
-    return 0
-
-
-async def _aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
-    await _check_broker(broker)
-    scenario = _scenario(args)
-    first_time = scenario.catalog.first_time if args.brands == scenario.n_brands else None
-    aggregator = Aggregator(broker, Topics(args.prefix), _limits(scenario.window, args.brands),
-                            scenario.window, shard=args.shard, checkpoint_path=args.checkpoint,
-                            checkpoint_interval=args.checkpoint_interval,
-                            max_unacked=args.max_unacked, first_time=first_time)
-    resumed = (f", resuming {aggregator.state.orders:,} orders from {args.checkpoint}"
-               if aggregator.restored else "")
-    print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard "
-          f"{args.shard}{resumed}", file=sys.stderr, flush=True)
-    await aggregator.run()
-    return 0
-
-
-async def _serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
-    await _check_broker(broker)
-    server = TickerServer(allowed_origins=args.allowed_origin)
-    async with await _listen(server, args.host, args.port) as ws_server, \
-            asyncio.TaskGroup() as tg:
-        tg.create_task(watch_totals(broker, Topics(args.prefix), server.receive_totals),
-                       name="watch-totals")
-        tg.create_task(server.run_pusher(), name="pusher")
-        print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
-    return 0
-
-
-async def _demo(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
-    topics = Topics(args.prefix)
-    async with AsyncExitStack() as stack:
-        if broker is None:
-            from .embedded_broker import EmbeddedBroker
-            embedded = await stack.enter_async_context(EmbeddedBroker())
-            broker = BrokerSettings("127.0.0.1", embedded.port)
-        else:
-            await _check_broker(broker)
-        server = TickerServer(allowed_origins=args.allowed_origin)
-        ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
-        scenario = _scenario(args)
-        aggregator = Aggregator(broker, topics, _limits(scenario.window), scenario.window,
-                                first_time=scenario.catalog.first_time)
-        async with asyncio.TaskGroup() as tg:
-            tg.create_task(aggregator.run(), name="aggregator")
-            tg.create_task(watch_totals(broker, topics, server.receive_totals), name="watch")
-            tg.create_task(server.run_pusher(), name="pusher")
-            await aggregator.ready.wait()
-            speed = "max" if args.speed is None else f"{args.speed:g}x"
-            print(f"GMV ticker: open http://{args.host}:{_bound_port(ws_server)}/ "
-                  f"(broker {broker.url}, speed {speed}; Ctrl-C stops)", flush=True)
-            async with ReliablePublisher(broker) as publisher:
-                report = await publish_scenario(
-                    publisher, scenario, topics, producer=f"demo-{uuid.uuid4().hex[:8]}",
-                    speed=args.speed, batch_orders=args.batch_orders,
-                    binary=args.encoding == "binary")
-            print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
-                  f"GMV {_usd(report.gmv_cents)}; the ticker stays up until Ctrl-C", flush=True)
-    return 0
-
-
-async def _check_broker(broker: BrokerSettings) -> None:
-    async with connect(broker):
-        pass
-
-
-async def _listen(server: TickerServer, host: str, port: int):
-    try:
-        return await server.serve(host, port)
-    except OSError as exc:
-        raise ConfigError(f"--port={port}: cannot listen on {host}:{port} ({exc.strerror})") \
-            from None
-
-
-def _bound_port(ws_server) -> int:
-    return ws_server.sockets[0].getsockname()[1]
 
 
 if __name__ == "__main__":

@@ -9,8 +9,10 @@ version, the snapshot otherwise (see docs/websocket.md).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import numpy as np
 import orjson
 
 from .dimensions import COUNTRIES, PLATFORMS
@@ -41,10 +43,15 @@ def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
                                    column("country_orders", len(COUNTRIES)))
     platform_gmv, platform_orders = (column("platform_gmv_cents", len(PLATFORMS)),
                                      column("platform_orders", len(PLATFORMS)))
+    first_time = [p.get("brands_first_time_active") for p in parts]
     return {
         "gmv_cents": total("gmv_cents"),
         "orders": total("orders"),
         "brands_active": total("brands_active"),
+        "brands_overseas_active": total("brands_overseas_active"),
+        "brands_first_time_active": (sum(first_time) if parts and None not in first_time
+                                     else None),
+        "chatbot_queries": total("chatbot_queries"),
         "minute": minute,
         "sim_time": sim_time,
         "window": window,
@@ -64,12 +71,30 @@ def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
     }
 
 
+@dataclass(frozen=True, eq=False)
+class Comparison:
+    """Last year's curve, to show this year against it at the same elapsed time."""
+
+    label: str                # e.g. "2019 (Nov 1-11)"
+    cumulative: np.ndarray    # int64 cents in by each minute boundary; [-1] is the total
+
+    def at(self, minute: int | None) -> int:
+        """Last year's GMV through the same minute as this year's latest."""
+        if minute is None:
+            return 0
+        return int(self.cumulative[min(minute + 1, len(self.cumulative) - 1)])
+
+
 class Feed:
     """The versioned view and its frames; `seq` grows by one per changed view."""
 
-    def __init__(self) -> None:
+    def __init__(self, comparison: Comparison | None = None) -> None:
         self.shards: dict[str, dict] = {}
-        self.view = merge_shards({})
+        self.comparison = comparison
+        self.replay: dict | None = None
+        self._passed_at: str | None = None
+        self._before: tuple[int, int] | None = None  # (minute, gmv) of the previous view
+        self.view = self._complete(merge_shards({}))
         self.seq = 1
         self.snapshot_frame = self._frame("snapshot", self.view)
         self.update_frame = self.snapshot_frame
@@ -80,12 +105,44 @@ class Feed:
         self.shards[str(totals["shard"])] = totals
         self._dirty = True
 
+    def receive_replay(self, status: dict) -> None:
+        """Take the replay's status (playing, paused, speed...), shown beside the clock."""
+        self.replay = {key: status.get(key) for key in
+                       ("state", "speed", "minute", "scenario", "loop")}
+        self._dirty = True
+
+    def _complete(self, view: dict) -> dict:
+        """Add what is not in the shards' totals: the comparison and the replay status."""
+        view["replay"] = self.replay
+        view["compare"] = None
+        c = self.comparison
+        if c is None:
+            return view
+        total, gmv, minute = int(c.cumulative[-1]), view["gmv_cents"], view["minute"]
+        if gmv < total:
+            self._passed_at = None  # a replay went back: it has not passed (yet)
+        elif self._passed_at is None and minute is not None:
+            self._passed_at = self._crossing_time(view, total)
+        view["compare"] = {"label": c.label, "gmv_cents": c.at(minute), "total_cents": total,
+                           "passed_at": self._passed_at}
+        self._before = (minute, gmv) if minute is not None else None
+        return view
+
+    def _crossing_time(self, view: dict, total: int) -> str | None:
+        """When this year's total passed last year's: interpolated between two views."""
+        minute, gmv = view["minute"], view["gmv_cents"]
+        if self._before is not None and self._before[1] < total and self._before[0] <= minute:
+            m0, g0 = self._before
+            minute = m0 + (minute - m0) * (total - g0) / max(gmv - g0, 1)
+        start = datetime.fromisoformat(view["window"]["start"])
+        return (start + timedelta(minutes=int(minute))).isoformat()
+
     def publish(self) -> bool:
         """Fold received totals into a new version; False if nothing changed."""
         if not self._dirty:
             return False
         self._dirty = False
-        view = merge_shards(self.shards)
+        view = self._complete(merge_shards(self.shards))
         changed = {key: value for key, value in view.items() if self.view.get(key) != value}
         if not changed:
             return False

@@ -86,6 +86,14 @@ class Topics:
     def rejected(self, reason: str) -> str:
         return f"{self.prefix}/rejected/{reason}"
 
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}/control"
+
+    @property
+    def replay(self) -> str:
+        return f"{self.prefix}/replay"
+
     def producer(self, producer: str) -> str:
         return f"{self.prefix}/producers/{producer}"
 
@@ -176,7 +184,7 @@ class ReliablePublisher:
         self.max_inflight = max_inflight
         self.ack_timeout = ack_timeout
         self.reconnects = 0
-        self._unacked: dict[int, tuple[str, bytes]] = {}
+        self._unacked: dict[int, tuple[str, bytes, bool]] = {}
         self._tasks: set[asyncio.Task] = set()
         self._next_key = 0
         self._client: aiomqtt.Client | None = None
@@ -195,14 +203,14 @@ class ReliablePublisher:
             with contextlib.suppress(aiomqtt.MqttError):
                 await self._stack.aclose()
 
-    async def send(self, topic: str, payload: bytes) -> None:
+    async def send(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
         """Queue one QoS 1 message; waits while `max_inflight` messages are unacknowledged."""
         async with self._room:
             await self._room.wait_for(
                 lambda: len(self._unacked) < self.max_inflight or self._broken is not None)
         await self._recover_if_broken()
         key, self._next_key = self._next_key, self._next_key + 1
-        self._unacked[key] = (topic, payload)
+        self._unacked[key] = (topic, payload, retain)
         self._start(key)
 
     async def flush(self) -> None:
@@ -221,10 +229,10 @@ class ReliablePublisher:
         entry = self._unacked.get(key)
         if entry is None:  # acknowledged through the old connection meanwhile
             return
-        topic, payload = entry
+        topic, payload, retain = entry
         try:
             assert client is not None
-            await client.publish(topic, payload, qos=1, timeout=self.ack_timeout)
+            await client.publish(topic, payload, qos=1, retain=retain, timeout=self.ack_timeout)
         except aiomqtt.MqttError as exc:
             if client is self._client and self._broken is None:
                 self._broken = exc
@@ -265,20 +273,43 @@ class ReliablePublisher:
 
 async def watch_totals(broker: BrokerSettings, topics: Topics,
                        on_totals: Callable[[dict], None], *,
+                       on_replay: Callable[[dict], None] | None = None,
                        ready: asyncio.Event | None = None) -> None:
-    """Call `on_totals(snapshot)` for every shard snapshot published on the totals topics."""
+    """Call `on_totals(snapshot)` for every shard snapshot published on the totals topics,
+    and `on_replay(status)` for the replay's status."""
 
     async def session(client: aiomqtt.Client) -> None:
         await client.subscribe(topics.all_totals, qos=1)
+        if on_replay is not None:
+            await client.subscribe(topics.replay, qos=1)
         if ready is not None:
             ready.set()
         async for message in client.messages:
             try:
-                totals = orjson.loads(message.payload)  # type: ignore[arg-type]
+                doc = orjson.loads(message.payload)  # type: ignore[arg-type]
             except orjson.JSONDecodeError:
-                log.warning("ignoring a malformed totals message on %s", message.topic)
+                log.warning("ignoring a malformed message on %s", message.topic)
                 continue
-            if isinstance(totals, dict) and totals.get("v") == 1 and "shard" in totals:
-                on_totals(totals)
+            if not isinstance(doc, dict) or doc.get("v") != 1:
+                continue
+            if message.topic.matches(topics.replay):
+                if on_replay is not None:
+                    on_replay(doc)
+            elif "shard" in doc:
+                on_totals(doc)
 
     await reconnecting(broker, unique_client_id("gmv-server"), session)
+
+
+async def watch_control(broker: BrokerSettings, topics: Topics,
+                        on_command: Callable[[bytes], Awaitable[None]]) -> None:
+    """Call `on_command(payload)` for every message on the control topic (the callee checks
+    the token)."""
+
+    async def session(client: aiomqtt.Client) -> None:
+        await client.subscribe(topics.control, qos=1)
+        async for message in client.messages:
+            if isinstance(message.payload, bytes):
+                await on_command(message.payload)
+
+    await reconnecting(broker, unique_client_id("gmv-control"), session)

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import mimetypes
 import time
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 
@@ -24,7 +25,8 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from .feed import Feed
+from .control import ControlError, parse_command
+from .feed import Comparison, Feed
 
 log = logging.getLogger(__name__)
 
@@ -36,10 +38,16 @@ class TickerServer:
 
     def __init__(self, *, web_dir: Path = WEB_DIR, push_hz: float = 10.0,
                  max_message_bytes: int = 4096,
-                 allowed_origins: list[str] | None = None) -> None:
+                 allowed_origins: list[str] | None = None,
+                 comparison: Comparison | None = None, control_token: str | None = None,
+                 send_control: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+        """`control_token` and `send_control`: an operator on the page (?operator=1) who
+        gives the token may pause, resume, seek or change the speed of the replay."""
         if push_hz <= 0:
             raise ValueError(f"push_hz={push_hz}: must be positive")
-        self.feed = Feed()
+        self.feed = Feed(comparison)
+        self.control_token = control_token
+        self.send_control = send_control
         self.web_dir = web_dir.resolve()
         self.push_interval = 1.0 / push_hz
         self.max_message_bytes = max_message_bytes
@@ -52,6 +60,9 @@ class TickerServer:
     def receive_totals(self, totals: dict) -> None:
         self._last_totals_at = time.monotonic()
         self.feed.receive(totals)
+
+    def receive_replay(self, status: dict) -> None:
+        self.feed.receive_replay(status)
 
     def _heartbeat(self, seq: int) -> bytes:
         age_ms = int((time.monotonic() - self._last_totals_at) * 1000)
@@ -74,13 +85,34 @@ class TickerServer:
         self.viewers += 1
         sender = asyncio.create_task(self._send_latest(ws), name="viewer-send")
         try:
-            async for _ in ws:  # viewers cannot change anything: drain and ignore
-                pass
+            async for message in ws:  # only an operator's control commands are read
+                reply = await self._control(message)
+                if reply is not None:
+                    await ws.send(orjson.dumps(reply), text=True)
         except ConnectionClosed:
             pass
         finally:
             sender.cancel()
             self.viewers -= 1
+
+    async def _control(self, message: str | bytes) -> dict | None:
+        """Forward an operator's command if its token is right; anything else is ignored."""
+        try:
+            doc = orjson.loads(message)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(doc, dict) or doc.get("type") != "control":
+            return None
+        cmd = doc.get("cmd")
+        try:
+            if self.send_control is None:
+                raise ControlError("this server has no replay control")
+            command = parse_command(doc, self.control_token)
+            await self.send_control(command.encode(self.control_token or ""))
+        except ControlError as exc:
+            log.warning("refused a control command: %s", exc)
+            return {"type": "control_result", "ok": False, "cmd": cmd, "error": str(exc)}
+        return {"type": "control_result", "ok": True, "cmd": cmd}
 
     async def _send_latest(self, ws: ServerConnection) -> None:
         sent = 0

@@ -1,0 +1,314 @@
+"""The `gmv` commands, wired from the parts: what runs where, in which task group.
+
+demo / replay (standalone): broker (embedded unless --broker), aggregator, ticker server and
+the replay in one process. simulate / replay --broker: the replay only. aggregate, serve,
+record and control: one part each, against any broker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import secrets
+import sys
+import time
+import uuid
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from simulator.curve_csv import CurveFileError, read_curve
+from simulator.history import curve, curve_like_for_like_2019, festival_years
+from simulator.publisher import PublishReport, Replay, ScenarioSource, Source
+from simulator.recording import CHATBOT, ORDERS, RecordingError, RecordingSource, \
+    RecordingWriter
+from simulator.scenario import Scenario, scenario_for_year
+
+from .aggregator import Aggregator
+from .control import Command, ControlError, decode_command, minute_of
+from .dimensions import Window
+from .errors import ConfigError
+from .feed import Comparison
+from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_control, \
+    watch_totals
+from .server import TickerServer
+from .wire import Limits
+
+DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
+
+
+async def run(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
+    command = args.command
+    if command in ("demo", "simulate", "replay"):
+        return await play(args, broker, standalone=command == "demo" or broker is None)
+    return await {"aggregate": aggregate, "serve": serve, "record": record,
+                  "control": control}[command](args, broker)
+
+
+# --- what to play ----------------------------------------------------------------------------
+
+def _scenario(name: str, args: argparse.Namespace) -> Scenario:
+    return scenario_for_year(int(name), seed=args.seed,
+                             order_scale=getattr(args, "order_scale", 0.001))
+
+
+def _source(args: argparse.Namespace) -> tuple[Source, Scenario | None]:
+    """The replay's source and, when it is a scenario, the scenario (for brand data)."""
+    name = getattr(args, "source", None) or args.scenario
+    if name.isdigit():
+        if int(name) not in festival_years():
+            raise ConfigError(f"source={name}: no festival that year "
+                              f"(have {festival_years()[0]}-{festival_years()[-1]})")
+        scenario = _scenario(name, args)
+        return ScenarioSource(scenario, args.batch_orders), scenario
+    path = Path(name)
+    try:
+        if path.suffix == ".csv":
+            base = scenario_for_year(2020, seed=args.seed, order_scale=args.order_scale)
+            scenario = dataclasses.replace(base, name=path.stem, curve=read_curve(path),
+                                           big_brands=0, chatbot_queries=0, peak=None)
+            return ScenarioSource(scenario, args.batch_orders), scenario
+        return RecordingSource(path), None
+    except (CurveFileError, RecordingError) as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def comparison_for(year: int) -> Comparison | None:
+    """Last year's curve over the same window: 2020 against Nov 1-11 2019 (like for like)."""
+    if year == 2020:
+        previous, label = curve_like_for_like_2019(), "2019 (Nov 1–11)"
+    elif year - 1 in festival_years() and year != 2009:
+        previous, label = curve(year - 1), str(year - 1)
+        if previous.window.minutes != curve(year).window.minutes:
+            return None
+    else:
+        return None
+    cumulative = np.concatenate(([0], np.cumsum(previous.minute_gmv_cents())))
+    return Comparison(label, cumulative)
+
+
+def _limits(window: Window, brands: int = 250_000) -> Limits:
+    return Limits(n_brands=brands, n_minutes=window.minutes, n_countries=12, n_platforms=3,
+                  max_order_cents=10**10)
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
+               standalone: bool) -> int:
+    source, scenario = _source(args)
+    window = source.window
+    if args.speed == "auto":
+        args.speed = window.minutes / DEMO_MINUTES
+    try:
+        from_minute = minute_of(args.from_, window) if args.from_ else 0
+    except ControlError as exc:
+        raise ConfigError(f"--from: {exc}") from None
+    token = args.control_token
+    if standalone and token is None:
+        token = secrets.token_urlsafe(9)  # the operator view needs one; printed below
+    topics = Topics(args.prefix)
+    producer = args.producer or f"sim-{uuid.uuid4().hex[:8]}"
+    async with AsyncExitStack() as stack:
+        if broker is None:
+            from .embedded_broker import EmbeddedBroker
+            embedded = await stack.enter_async_context(EmbeddedBroker())
+            broker = BrokerSettings("127.0.0.1", embedded.port)
+        else:
+            await _check_broker(broker)
+        publisher = await stack.enter_async_context(ReliablePublisher(broker))
+        replay = Replay(publisher, source, topics, producer=producer, speed=args.speed,
+                        from_minute=from_minute, loop=args.loop,
+                        binary=args.encoding == "binary", control_token=token)
+        # Standalone, the task group serves until Ctrl-C; publish-only, it ends with the replay.
+        async with asyncio.TaskGroup() as tg:
+            listener = tg.create_task(watch_control(broker, topics, _obeyer(replay, token)),
+                                      name="control") if token is not None else None
+            if standalone:
+                year = int(scenario.name) if scenario and scenario.name.isdigit() else None
+                aggregator = Aggregator(
+                    broker, topics, _limits(window), window, control_token=token,
+                    first_time=scenario.catalog.first_time if scenario else None)
+                server = TickerServer(
+                    allowed_origins=args.allowed_origin, control_token=token,
+                    comparison=comparison_for(year) if year else None,
+                    send_control=lambda payload: publisher.send(topics.control, payload))
+                ws_server = await stack.enter_async_context(
+                    await _listen(server, args.host, args.port))
+                tg.create_task(aggregator.run(), name="aggregator")
+                tg.create_task(watch_totals(broker, topics, server.receive_totals,
+                                            on_replay=server.receive_replay), name="watch")
+                tg.create_task(server.run_pusher(), name="pusher")
+                await aggregator.ready.wait()
+                url = f"http://{args.host}:{_bound_port(ws_server)}/"
+                speed = "max" if args.speed is None else f"{args.speed:g}x"
+                print(f"GMV ticker: open {url} (broker {broker.url}, {source.name} at {speed}; "
+                      "Ctrl-C stops)", flush=True)
+                print(f"operator view: {url}?operator=1 (token: {token})", flush=True)
+            report = await replay.run(None if standalone else _progress())
+            if standalone:
+                print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
+                      f"GMV {_usd(report.gmv_cents)}; the ticker stays up until Ctrl-C",
+                      flush=True)
+            else:
+                _print_report(report, args.json)
+                if listener is not None:
+                    listener.cancel()
+    return 0
+
+
+def _obeyer(replay: Replay, token: str):
+    async def obey(payload: bytes) -> None:
+        try:
+            command = decode_command(payload, token)
+            if command.cmd != "reset":  # our own reset, meant for the aggregators
+                await replay.control(command)
+        except ControlError as exc:
+            print(f"gmv: control refused: {exc}", file=sys.stderr, flush=True)
+    return obey
+
+
+async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    await _check_broker(broker)
+    scenario = _scenario(args.scenario, args)
+    first_time = scenario.catalog.first_time if args.brands == scenario.n_brands else None
+    aggregator = Aggregator(broker, Topics(args.prefix), _limits(scenario.window, args.brands),
+                            scenario.window, shard=args.shard, checkpoint_path=args.checkpoint,
+                            checkpoint_interval=args.checkpoint_interval,
+                            max_unacked=args.max_unacked, first_time=first_time,
+                            control_token=args.control_token)
+    resumed = (f", resuming {aggregator.state.orders:,} orders from {args.checkpoint}"
+               if aggregator.restored else "")
+    print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard "
+          f"{args.shard}{resumed}", file=sys.stderr, flush=True)
+    await aggregator.run()
+    return 0
+
+
+async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    await _check_broker(broker)
+    topics = Topics(args.prefix)
+    async with AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
+        publisher = await stack.enter_async_context(ReliablePublisher(broker))
+        server = TickerServer(
+            allowed_origins=args.allowed_origin, control_token=args.control_token,
+            comparison=comparison_for(int(args.scenario)),
+            send_control=lambda payload: publisher.send(topics.control, payload))
+        ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
+        tg.create_task(watch_totals(broker, topics, server.receive_totals,
+                                    on_replay=server.receive_replay), name="watch-totals")
+        tg.create_task(server.run_pusher(), name="pusher")
+        print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
+    return 0
+
+
+async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    """Write every order batch and chatbot count seen on the broker to a file."""
+    topics = Topics(args.prefix)
+    window = _scenario(args.scenario, args).window
+    try:
+        file = open(args.file, "wb")  # noqa: SIM115 - closed below, after the loop
+    except OSError as exc:
+        raise ConfigError(f"file={args.file}: {exc.strerror}") from None
+    writer = RecordingWriter(file, window, 250_000)
+    try:
+        async with connect(broker) as client:
+            await client.subscribe(topics.all_orders, qos=1)
+            await client.subscribe(topics.all_chatbot, qos=1)
+            print(f"recording {topics.prefix} from {broker.url} into {args.file}",
+                  file=sys.stderr, flush=True)
+            messages = aiter(client.messages)
+            while True:
+                try:
+                    async with asyncio.timeout(args.idle_exit):
+                        message = await anext(messages)
+                except TimeoutError:
+                    break
+                kind = CHATBOT if message.topic.matches(topics.all_chatbot) else ORDERS
+                writer.write(kind, message.payload if isinstance(message.payload, bytes)
+                             else b"")
+    finally:
+        file.close()
+        print(f"recorded {writer.messages:,} messages, {writer.orders:,} orders, "
+              f"GMV {_usd(writer.gmv_cents)} ({writer.gmv_cents} cents); "
+              f"skipped {writer.skipped} duplicate or invalid", flush=True)
+    return 0
+
+
+async def control(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    if args.control_token is None:
+        raise ConfigError("--control-token (or GMV_CONTROL_TOKEN) is needed")
+    if args.cmd in ("speed", "seek") and not args.value:
+        raise ConfigError(f"{args.cmd} needs a value, e.g. "
+                          + ("`gmv control speed 120`" if args.cmd == "speed"
+                             else "`gmv control seek '11-11 00:30'`"))
+    if args.cmd == "speed":
+        speed = _speed_value(args.value)
+        command = Command("speed", speed=speed)
+    else:
+        command = Command(args.cmd, to=args.value if args.cmd == "seek" else None)
+    async with ReliablePublisher(broker) as publisher:
+        await publisher.send(Topics(args.prefix).control, command.encode(args.control_token))
+        await publisher.flush()
+    print(f"sent {args.cmd}", flush=True)
+    return 0
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _speed_value(text: str) -> float | None:
+    if text == "max":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"speed={text}: must be a positive number or 'max'")
+    return value
+
+
+def _progress(every: float = 2.0):
+    last = [time.monotonic()]
+
+    def show(report: PublishReport) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            print(f"  minute {report.minutes:,}: {report.orders:,} orders, "
+                  f"{_usd(report.gmv_cents)} published", file=sys.stderr, flush=True)
+    return show
+
+
+def _print_report(report: PublishReport, as_json: bool) -> None:
+    if as_json:
+        print(orjson.dumps(dataclasses.asdict(report)).decode(), flush=True)
+    else:
+        print(f"published {report.orders:,} orders in {report.batches:,} batches, "
+              f"GMV {_usd(report.gmv_cents)} ({report.gmv_cents} cents), "
+              f"{report.chatbot_queries:,} chatbot queries, in {report.seconds:.1f} s "
+              f"as {report.producer}", flush=True)
+
+
+def _usd(cents: int) -> str:
+    return f"${cents // 100:,}.{cents % 100:02d}"
+
+
+async def _check_broker(broker: BrokerSettings) -> None:
+    async with connect(broker):
+        pass
+
+
+async def _listen(server: TickerServer, host: str, port: int):
+    try:
+        return await server.serve(host, port)
+    except OSError as exc:
+        raise ConfigError(f"--port={port}: cannot listen on {host}:{port} ({exc.strerror})") \
+            from None
+
+
+def _bound_port(ws_server) -> int:
+    return ws_server.sockets[0].getsockname()[1]
