@@ -34,9 +34,10 @@ class PlaybackClock:
         return self._anchor_minute + (now - self._anchor_time) * self.speed / 60.0
 
     def due(self, minute: float, now: float) -> float:
-        """Seconds from `now` until `minute` is due (0 if already due, inf while paused)."""
+        """Seconds from `now` until `minute` is due: 0 if the position has reached it (also
+        while paused, so a seek made before a pause still catches up), inf if paused before."""
         if self.paused:
-            return math.inf
+            return 0.0 if minute <= self._anchor_minute else math.inf
         if self.speed is None:
             return 0.0
         return max(0.0, (minute - self._anchor_minute) * 60.0 / self.speed

@@ -90,10 +90,11 @@ class Pipeline:
 
 
 @contextlib.asynccontextmanager
-async def running_pipeline(broker: BrokerSettings, topics: Topics) -> AsyncIterator[Pipeline]:
+async def running_pipeline(broker: BrokerSettings, topics: Topics, *,
+                           control_token: str | None = None) -> AsyncIterator[Pipeline]:
     """Aggregator and ticker server (port 0) running in this event loop against `broker`."""
     aggregator = Aggregator(broker, topics, festival_limits(), FESTIVAL_2020,
-                            totals_interval=0.05)
+                            totals_interval=0.05, control_token=control_token)
     server = TickerServer(push_hz=20)
     watch_ready = asyncio.Event()
     tasks = [

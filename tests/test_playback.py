@@ -27,6 +27,7 @@ def test_pause_stops_time_and_resume_adds_only_the_pause():
     clock = PlaybackClock(0.0, speed=60)
     clock.pause(10.0)
     assert clock.position(15.0) == 10 and clock.due(11, 15.0) == math.inf
+    assert clock.due(10, 15.0) == 0  # what was reached before the pause is still due
     clock.resume(17.0)
     assert clock.position(17.0) == 10
     assert clock.due(20, now=17.0) == 10  # minute 20 at 27 s = 20 s + the 7 s pause

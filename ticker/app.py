@@ -51,7 +51,7 @@ async def run(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
 # --- what to play ----------------------------------------------------------------------------
 
 def _scenario(name: str, args: argparse.Namespace) -> Scenario:
-    return scenario_for_year(int(name), seed=args.seed,
+    return scenario_for_year(int(name), seed=getattr(args, "seed", 2020),
                              order_scale=getattr(args, "order_scale", 0.001))
 
 

@@ -1,0 +1,183 @@
+"""Replays through a real Mosquitto: control (pause, speed, seek), --from, loop resets,
+recordings, and the absolute schedule."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orjson
+import pytest
+
+from simulator.publisher import Replay, ScenarioSource
+from simulator.scenario import scenario_for_year
+from ticker.control import Command
+from ticker.mqtt import ReliablePublisher
+
+from .conftest import running_pipeline
+from .test_cli import get_totals, wait_totals
+from .test_pipeline import watch_until
+
+S2019 = scenario_for_year(2019, order_scale=0.0001)  # one day, 1,440 minutes
+TOKEN = "s3cret"
+
+
+def cumulative(scenario, minutes: int) -> int:
+    """GMV of the first `minutes` minutes: what the ticker must show once they are in."""
+    return int(scenario.minute_gmv_cents[:minutes].sum())
+
+
+async def test_pause_holds_the_totals_and_resume_continues_to_the_exact_end(mosquitto, topics):
+    """Paused, nothing more is published; resumed at a new speed, the replay ends exact."""
+    async with running_pipeline(mosquitto, topics, control_token=TOKEN) as pipeline, \
+            ReliablePublisher(mosquitto) as publisher:
+        replay = Replay(publisher, ScenarioSource(S2019), topics, producer="ctl", speed=1440 * 6,
+                        control_token=TOKEN)  # the day in 10 s
+        task = asyncio.create_task(replay.run())
+        await asyncio.sleep(1.0)
+        await replay.control(Command("pause"))
+        await asyncio.sleep(0.3)
+        held = replay.next_minute
+        await asyncio.sleep(1.0)
+        assert replay.next_minute == held and 0 < held < 1440
+        await replay.control(Command("speed", speed=None))
+        await replay.control(Command("resume"))
+        report = await asyncio.wait_for(task, 30)
+        shown = await watch_until(pipeline.port, lambda v: v["gmv_cents"] == S2019.gmv_cents)
+    assert report.gmv_cents == S2019.gmv_cents == pipeline.state.gmv_cents
+    assert shown["stats"]["duplicates"] == 0 and shown["stats"]["gaps"] == 0
+
+
+async def test_seek_forward_publishes_the_skipped_minutes_at_once(mosquitto, topics):
+    """Seeking ahead to 12:00 makes the totals equal the festival's up to 12:00 right away."""
+    async with running_pipeline(mosquitto, topics, control_token=TOKEN) as pipeline, \
+            ReliablePublisher(mosquitto) as publisher:
+        replay = Replay(publisher, ScenarioSource(S2019), topics, producer="fwd", speed=60,
+                        control_token=TOKEN)
+        task = asyncio.create_task(replay.run())
+        await replay.control(Command("seek", to="11-11 12:00"))
+        target = cumulative(S2019, 720)
+        shown = await watch_until(pipeline.port, lambda v: v["gmv_cents"] >= target, timeout=30)
+        task.cancel()
+    assert target <= shown["gmv_cents"] <= cumulative(S2019, 723)
+
+
+async def test_seek_back_resets_the_aggregator_and_replays_exactly_to_there(mosquitto, topics):
+    """Seeking back to 01:00 resets the totals and brings them to the 01:00 figure, not double."""
+    async with running_pipeline(mosquitto, topics, control_token=TOKEN) as pipeline, \
+            ReliablePublisher(mosquitto) as publisher:
+        replay = Replay(publisher, ScenarioSource(S2019), topics, producer="back", speed=60,
+                        from_minute=600, control_token=TOKEN)
+        task = asyncio.create_task(replay.run())
+        await watch_until(pipeline.port, lambda v: v["gmv_cents"] >= cumulative(S2019, 600))
+        await replay.control(Command("seek", to="11-11 01:00"))
+        await replay.control(Command("pause"))
+        target = cumulative(S2019, 60)
+        shown = await watch_until(pipeline.port, lambda v: v["gmv_cents"] == target
+                                  or v["gmv_cents"] == cumulative(S2019, 61), timeout=30)
+        task.cancel()
+    assert pipeline.aggregator.resets == 1 and replay.epoch == 1
+    assert shown["stats"]["duplicates"] == 0
+
+
+async def test_loop_starts_again_from_zero(mosquitto, topics):
+    """With loop on, the end resets the totals and the festival plays again."""
+    async with running_pipeline(mosquitto, topics, control_token=TOKEN) as pipeline, \
+            ReliablePublisher(mosquitto) as publisher:
+        replay = Replay(publisher, ScenarioSource(S2019), topics, producer="loop", speed=None,
+                        loop=True, control_token=TOKEN)
+        task = asyncio.create_task(replay.run())
+        async with asyncio.timeout(60):
+            while pipeline.aggregator.resets < 2:
+                await asyncio.sleep(0.05)
+        task.cancel()
+        assert replay.report.resets >= 2
+        assert pipeline.state.gmv_cents <= S2019.gmv_cents  # never two rounds added up
+
+
+async def test_replay_ends_on_its_absolute_schedule_despite_a_pause(mosquitto, topics):
+    """120 minutes at 7,200x take 1 s; with a 0.5 s pause the replay ends at 1.5 s (±0.3 s)."""
+    async with ReliablePublisher(mosquitto) as publisher:
+        replay = Replay(publisher, ScenarioSource(S2019), topics, producer="clock",
+                        speed=7200, last_minute=119, control_token=TOKEN)
+        start = time.monotonic()
+        task = asyncio.create_task(replay.run())
+        await asyncio.sleep(0.3)
+        await replay.control(Command("pause"))
+        await asyncio.sleep(0.5)
+        await replay.control(Command("resume"))
+        await task
+    assert abs(time.monotonic() - start - 1.5) < 0.3
+
+
+@pytest.mark.parametrize("text, message", [
+    ("11-12 00:00", "outside the window"), ("noon", "expected MM-DD HH:MM")])
+def test_bad_from_names_the_option(text, message, capsys):
+    """`--from` outside the window or malformed exits 2 naming --from."""
+    from ticker.cli import main
+    assert main(["simulate", "--broker", "mqtt://127.0.0.1:1", "--scenario", "2019",
+                 "--from", text]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gmv: error: --from: ") and message in err
+
+
+def test_record_then_replay_the_file_gives_the_same_totals(mosquitto, topics, tmp_path):
+    """`gmv record` writes the stream; `gmv replay FILE` publishes it again, same to the cent."""
+    from .conftest import free_port, wait_for_port
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    recording = tmp_path / "stream.gmvrec"
+    recorder = subprocess.Popen([sys.executable, "-m", "ticker.cli", "record", str(recording),
+                                 *broker, "--scenario", "2019", "--idle-exit", "3"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.5)  # let it subscribe
+    out = subprocess.run([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+                          "--scenario", "2019", "--order-scale", "0.0001", "--json"],
+                         capture_output=True, text=True, timeout=60)
+    published = orjson.loads(out.stdout)
+    recorded, _ = recorder.communicate(timeout=30)
+    assert f"({published['gmv_cents']} cents)" in recorded
+    # Replay the file into a fresh aggregator and server on another prefix.
+    broker2 = ["--broker", mosquitto.url, "--prefix", topics.prefix + "/again"]
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker2,
+                               "--scenario", "2019"]),
+             subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", *broker2,
+                               "--scenario", "2019", "--port", str(port)])]
+    try:
+        wait_for_port(port)
+        time.sleep(0.5)
+        out = subprocess.run([sys.executable, "-m", "ticker.cli", "replay", str(recording),
+                              *broker2, "--speed", "max", "--json"],
+                             capture_output=True, text=True, timeout=60)
+        report = orjson.loads(out.stdout)
+        totals = wait_totals(port, lambda t: t["gmv_cents"] == published["gmv_cents"])
+        assert report["gmv_cents"] == published["gmv_cents"] == S2019.gmv_cents
+        assert totals["orders"] == published["orders"] == report["orders"]
+        assert totals["stats"]["duplicates"] == 0 and totals["stats"]["gaps"] == 0
+        assert get_totals(port)["chatbot_queries"] == published["chatbot_queries"]
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+def test_seek_and_speed_from_the_command_line(mosquitto, topics):
+    """`gmv control` moves a running `gmv simulate`: a seek to the end finishes it at once."""
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix, "--control-token", TOKEN]
+    sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+                            "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1",
+                            "--json"], stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(2.0)
+        for argv in (["speed", "max"], ["seek", "11-11 23:59"]):
+            done = subprocess.run([sys.executable, "-m", "ticker.cli", "control", *argv, *broker],
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == 0, done.stderr
+        out, _ = sim.communicate(timeout=60)
+    finally:
+        sim.kill()
+    assert orjson.loads(out)["gmv_cents"] == S2019.gmv_cents
+    assert np.int64(S2019.gmv_cents) > 0
