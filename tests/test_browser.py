@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,3 +84,59 @@ async def test_page_reconnects_after_the_server_restarts(mosquitto, topics, page
     finally:
         ws_server.close()
         await ws_server.wait_closed()
+
+
+@contextlib.contextmanager
+def demo_process(*options: str):
+    """`gmv demo` as a process; yields (url, operator token) from what it prints."""
+    proc = subprocess.Popen([sys.executable, "-m", "ticker.cli", "demo", "--port", "0",
+                             *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        url = re.search(r"open (http://\S+) ", proc.stdout.readline()).group(1)
+        token = re.search(r"\(token: (\S+)\)", proc.stdout.readline()).group(1)
+        yield url, token
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=15)
+
+
+async def test_page_shows_the_2020_festival_figures(page):
+    """At the end of the 2020 demo the page shows USD 74.1B, 250,000 brands (31,000 overseas,
+    2,600 first-time), 2.11B chatbot queries, the US first and 2019's total passed."""
+    with demo_process("--speed", "max") as (url, _):
+        await page.goto(url)
+        gmv = page.locator("#gmv")
+        await playwright.expect(gmv).to_have_attribute("data-cents", "7410000000000",
+                                                       timeout=60_000)
+        await playwright.expect(gmv).to_have_text("$74,100,000,000.00")
+        await playwright.expect(page.locator("#brands")).to_have_text("250,000")
+        await playwright.expect(page.locator("#brands-overseas")).to_have_text("31,000")
+        await playwright.expect(page.locator("#brands-first-time")).to_have_text("2,600")
+        await playwright.expect(page.locator("#chatbot")).to_have_text("2,110,000,000")
+        await playwright.expect(page.locator("#countries li.row").first) \
+            .to_have_attribute("data-code", "US")
+        await playwright.expect(page.locator("#compare")).to_have_attribute("data-pct", "26.0")
+        await playwright.expect(page.locator("#passed")).to_contain_text("Passed 2019")
+        await playwright.expect(page.locator("#replay")).to_have_attribute("data-state", "done")
+
+
+async def test_operator_pauses_the_replay_from_the_page_with_the_token(page):
+    """?operator=1 with the token pauses the replay; a wrong token is refused and shown."""
+    with demo_process("--speed", "60", "--scenario", "2019", "--order-scale", "0.0001") \
+            as (url, token):
+        await page.goto(url + "?operator=1")
+        await playwright.expect(page.locator("#status")).to_have_attribute(
+            "data-state", "live", timeout=10_000)
+        await page.fill("#operator-token", "wrong")
+        await page.click("#operator-pause")
+        result = page.locator("#operator-result")
+        await playwright.expect(result).to_have_text("bad token")
+        await page.fill("#operator-token", token)
+        await page.click("#operator-pause")
+        await playwright.expect(result).to_have_text("paused ✓")
+        await playwright.expect(page.locator("#replay")).to_have_attribute(
+            "data-state", "paused", timeout=10_000)
+        held = await page.locator("#gmv").get_attribute("data-cents")
+        await asyncio.sleep(2.5)
+        assert await page.locator("#gmv").get_attribute("data-cents") == held

@@ -61,6 +61,10 @@ function handleMessage(raw) {
       lastUpstreamAgeMs = typeof msg.upstream_age_ms === 'number' ? msg.upstream_age_ms : 0;
       noteAlive();
       return;
+    case 'control_result':
+      // The answer to this viewer's own operator command (web/operator.js); no totals.
+      if (typeof window.onControlResult === 'function') window.onControlResult(msg);
+      return;
     default:
       // Loud during development, silent on the unattended kiosk screen.
       if (!KIOSK) console.warn('[ticker] UNKNOWN MESSAGE TYPE — ignored:', msg && msg.type, msg);
@@ -114,6 +118,38 @@ function parseWallClock(iso) {
 function zoneLabel(offset) {
   if (offset === '+08:00' || offset === '+0800') return 'Beijing time';
   return offset === 'Z' ? 'UTC' : offset ? `UTC${offset}` : '';
+}
+
+// Signed change in tenths of a percent, from integers only: round((now - then) * 1000 / then),
+// halves away from zero (BigInt, so no float error near a rounding boundary).
+function changePerMille(now, then) {
+  const n = (BigInt(now) - BigInt(then)) * 1000n;
+  const d = BigInt(then);
+  const q = n / d;
+  const r = n % d;
+  const up = 2n * (r < 0n ? -r : r) >= d;
+  return Number(up ? q + (n < 0n ? -1n : 1n) : q);
+}
+
+// 263 -> "26.3", -5 -> "-0.5"
+function perMilleText(pm) {
+  const a = Math.abs(pm);
+  return `${pm < 0 ? '-' : ''}${Math.floor(a / 10)}.${a % 10}`;
+}
+
+// "2019 (Nov 1–11)" -> "2019": the label without its parenthesised date range.
+function shortLabel(label) {
+  return label.replace(/\s*\([^)]*\)\s*$/, '') || label;
+}
+
+function formatWallClock(t) {
+  return `${MONTHS[t.mo - 1]} ${t.d} · ${t.hh}:${t.mm}`;
+}
+
+// 1584 -> "1584×", 0.5 -> "0.5×", null / "max" (as fast as it goes) -> "max"
+function formatSpeed(speed) {
+  if (typeof speed !== 'number' || !Number.isFinite(speed) || speed <= 0) return 'max';
+  return `${Math.round(speed * 100) / 100}×`;
 }
 
 function percent(part, total) {
@@ -186,15 +222,21 @@ function render() {
   setGmvTarget(isInt(s.gmv_cents) ? s.gmv_cents : 0);
   setText($('orders'), isInt(s.orders) ? group(s.orders) : '—');
   setText($('brands'), isInt(s.brands_active) ? group(s.brands_active) : '—');
+  setCount($('brands-overseas'), s.brands_overseas_active);
+  setCount($('brands-first-time'), s.brands_first_time_active);
+  setCount($('chatbot'), s.chatbot_queries);
   const rate = $('rate');
   rate.dataset.cents = isInt(s.gmv_last_minute_cents) ? String(s.gmv_last_minute_cents) : '';
   setText(rate, isInt(s.gmv_last_minute_cents) ? formatCompactUSD(s.gmv_last_minute_cents) : '—');
   rate.title = isInt(s.gmv_last_minute_cents) ? formatUSD(s.gmv_last_minute_cents) : '';
+  fitKpis();
   if (win.label) {
     setText($('label'), win.label.replace(/^11\.11\s*/, ''));
     document.title = `${win.label} · Live GMV`;
   }
   renderClock(s.sim_time, s.minute, win);
+  renderReplay(isPlainObject(s.replay) ? s.replay : null);
+  renderCompare(isPlainObject(s.compare) ? s.compare : null, s.gmv_cents, win);
   renderPlatforms(Array.isArray(s.platforms) ? s.platforms : []);
   renderCountries(Array.isArray(s.countries) ? s.countries : []);
   renderStats(isPlainObject(s.stats) ? s.stats : {});
@@ -202,7 +244,7 @@ function render() {
 
 function renderClock(simTime, minute, win) {
   const t = parseWallClock(simTime);
-  setText($('clock'), t ? `${MONTHS[t.mo - 1]} ${t.d} · ${t.hh}:${t.mm}` : 'waiting for data');
+  setText($('clock'), t ? formatWallClock(t) : 'waiting for data');
   $('clock').classList.toggle('pending', !t);
   const total = isInt(win.minutes) && win.minutes > 0 ? win.minutes : 0;
   const days = Math.ceil(total / 1440);
@@ -217,6 +259,81 @@ function renderClock(simTime, minute, win) {
   bar.style.setProperty('--p', frac);
   if (days) bar.style.setProperty('--days', days);
   renderTicks(win.start, days);
+}
+
+// The four KPI figures share one size, as large as the longest of them allows (CSS --chars).
+const KPI_IDS = ['orders', 'brands', 'rate', 'chatbot'];
+function fitKpis() {
+  const chars = String(Math.max(9, ...KPI_IDS.map((id) => $(id).textContent.length)));
+  const row = document.querySelector('.kpis');
+  if (row.style.getPropertyValue('--chars') !== chars) row.style.setProperty('--chars', chars);
+}
+
+// A count that may be missing or null (older snapshots): "—" until known.
+function setCount(node, n) {
+  node.dataset.value = isInt(n) ? String(n) : '';
+  setText(node, isInt(n) ? group(n) : '—');
+}
+
+const REPLAY_ICONS = { playing: '▶', paused: '❚❚', seeking: '⏩', done: '■' };
+
+// "▶ 1584×" / "❚❚ paused" / "⏩ seeking" / "■ done" beside the clock; hidden without a replay.
+function renderReplay(r) {
+  const node = $('replay');
+  node.hidden = r === null;
+  if (r === null) {
+    delete node.dataset.state;
+    return;
+  }
+  const st = typeof r.state === 'string' ? r.state : '';
+  node.dataset.state = st;
+  node.dataset.loop = String(r.loop === true);
+  setText(node.firstElementChild, REPLAY_ICONS[st] || '•');
+  setText(node.lastElementChild, st === 'playing' ? formatSpeed(r.speed) : st || 'replay');
+  node.title = [`Replay${r.scenario ? ` of ${r.scenario}` : ''}`, formatSpeed(r.speed),
+    isInt(r.minute) ? `minute ${r.minute}` : '', r.loop === true ? 'looping' : '']
+    .filter(Boolean).join(' · ');
+}
+
+// This year against last year: the change at the same elapsed time, two thin bars on one
+// scale (so last year's final total is a finish line), and a badge once it was passed.
+function renderCompare(cmp, gmv, win) {
+  const race = $('race');
+  const label = cmp && typeof cmp.label === 'string' && cmp.label ? cmp.label : 'last year';
+  const then = cmp && isInt(cmp.gmv_cents) ? cmp.gmv_cents : null;
+  const total = cmp && isInt(cmp.total_cents) ? cmp.total_cents : null;
+  const now = isInt(gmv) ? gmv : null;
+
+  const compare = $('compare');
+  const pm = now !== null && then !== null && then > 0 ? changePerMille(now, then) : null;
+  compare.dataset.pct = pm === null ? '' : perMilleText(pm);
+  compare.dataset.trend = pm === null ? '' : pm > 0 ? 'up' : pm < 0 ? 'down' : 'flat';
+  setText(compare.firstElementChild, `vs ${label} at this time: `);
+  setText(compare.lastElementChild, pm === null ? '—' : `${pm > 0 ? '+' : ''}${perMilleText(pm)}%`);
+
+  const last = cmp && typeof cmp.label === 'string' && cmp.label ? shortLabel(cmp.label) : 'Last year';
+  const passedAt = cmp && typeof cmp.passed_at === 'string' ? cmp.passed_at : null;
+  const passed = $('passed');
+  passed.hidden = passedAt === null;
+  if (passedAt !== null) {
+    const t = parseWallClock(passedAt);
+    setText(passed, `Passed ${last}'s total${t ? ` at ${formatWallClock(t)}` : ''}`);
+  }
+  setText($('compare-goal'), total !== null && passedAt === null
+    ? `${last} total ${formatCompactUSD(total)}` : '');
+
+  const start = parseWallClock(win.start);
+  setText($('race-now-label'), start ? String(start.y) : 'This year');
+  setText($('race-then-label'), last);
+  setText($('race-now'), now !== null ? formatCompactUSD(now) : '—');
+  setText($('race-then'), then !== null ? formatCompactUSD(then) : '—');
+  const scale = Math.max(now || 0, then || 0, total || 0);
+  const share = (v) => (scale > 0 && v !== null ? Math.min(1, v / scale) : 0);
+  race.dataset.empty = String(cmp === null);
+  race.style.setProperty('--now', share(now));
+  race.style.setProperty('--then', share(then));
+  race.style.setProperty('--goal', share(total));
+  race.dataset.goal = String(total !== null);
 }
 
 // One label per festival day, computed as calendar dates (UTC used purely
@@ -331,6 +448,13 @@ function connect() {
     socket = null;
     scheduleReconnect();
   };
+}
+
+// For web/operator.js: one JSON text frame on this viewer's socket; false while it is down.
+function sendControl(frame) {
+  if (socket === null || socket.readyState !== WebSocket.OPEN) return false;
+  socket.send(JSON.stringify(frame));
+  return true;
 }
 
 // Exponential backoff with "equal jitter" so a wall of screens doesn't
