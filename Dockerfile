@@ -5,5 +5,6 @@ COPY pyproject.toml README.md ./
 COPY ticker ticker
 COPY simulator simulator
 COPY web web
+COPY data data
 RUN pip install --no-cache-dir -e .
 ENTRYPOINT ["gmv"]
