@@ -161,3 +161,19 @@ def test_fuzz_totals_are_the_sum_of_batches_accepted_once(stream):
         == int(state.gmv_by_minute.sum()) == int(state.gmv_by_country.sum())
     assert state.orders == int(state.orders_by_brand.sum()) == int(state.orders_by_platform.sum())
     assert state.batches == len(seen)
+
+
+def test_stamped_batches_feed_the_latency_histogram():
+    """Batches with a send time give latency percentiles; unstamped ones do not count."""
+    state = AggregateState(LIMITS)
+    state.apply(batch(0, 0, [1], [0]), now_us=5_000)  # not stamped
+    assert state.snapshot()["latency_ms"] is None
+    for seq, latency_us in enumerate([1_000] * 98 + [50_000, 200_000], start=1):
+        stamped = OrderBatch("p", seq, 0, np.array([1]), np.array([0], np.uint32),
+                             np.array([0], np.uint8), np.array([0], np.uint8),
+                             sent_at_us=10**15 + seq)
+        state.apply(stamped, now_us=10**15 + seq + latency_us)
+    latency = state.snapshot()["latency_ms"]
+    assert latency["count"] == 100 and latency["max"] == 200.0
+    assert 0.92 < latency["p50"] < 1.09 and 46 < latency["p99"] < 55
+    assert state.snapshot()["newest_sent_at_us"] == 10**15 + 100

@@ -195,9 +195,25 @@ def test_binary_shorter_than_header_is_truncated(payload):
     assert f"{len(payload)} bytes, header needs 24" in message
 
 
-def test_binary_nonzero_flags_are_rejected():
-    """Version 1 defines no flags: a set flag means a format this decoder cannot read."""
-    assert "flags 0x01" in rejected(binary(flags=1), "bad_version")
+def test_binary_unknown_flags_are_rejected():
+    """Version 1 defines only flag 0x01: another flag means a format this decoder cannot read."""
+    assert "flags 0x02" in rejected(binary(flags=2), "bad_version")
+
+
+def test_send_time_travels_in_both_encodings():
+    """A batch's optional send time (flag 0x01 + int64, or "sent_at_us") survives a round trip."""
+    batch = decode(JSON_OK, LIMITS)
+    stamped = OrderBatch(batch.producer, batch.seq, batch.minute, batch.amount_cents,
+                         batch.brand, batch.country, batch.platform,
+                         sent_at_us=1_700_000_000_123_456)
+    for binary_encoding in (True, False):
+        payload = encode(stamped, binary=binary_encoding)
+        assert decode(payload, LIMITS).sent_at_us == 1_700_000_000_123_456
+    raw = encode(stamped)
+    assert raw[5] == 0x01 and struct.unpack_from("<q", raw, 24)[0] == 1_700_000_000_123_456
+    assert decode(JSON_OK, LIMITS).sent_at_us == 0
+    rejected(json_doc(sent_at_us=-1), "out_of_range")
+    rejected(json_doc(sent_at_us=1.5), "bad_type")
 
 
 def test_binary_padding_must_be_nul_bytes():

@@ -36,7 +36,7 @@ class Aggregator:
     def __init__(self, broker: BrokerSettings, topics: Topics, limits: Limits, window: Window,
                  *, shard: str = "0", checkpoint_path: Path | None = None,
                  checkpoint_interval: float = 1.0, max_unacked: int = 16,
-                 totals_interval: float = 0.2, first_time: np.ndarray | None = None,
+                 totals_interval: float = 0.05, first_time: np.ndarray | None = None,
                  control_token: str | None = None) -> None:
         if checkpoint_interval <= 0:
             raise ValueError(f"checkpoint_interval={checkpoint_interval}: must be positive")
@@ -106,7 +106,8 @@ class Aggregator:
                 if message.topic.matches(self.topics.all_chatbot):
                     self.state.apply_chatbot(decode_chatbot(payload, self.state.limits))
                 else:
-                    self.state.apply(decode(payload, self.state.limits))
+                    self.state.apply(decode(payload, self.state.limits),
+                                     now_us=time.time_ns() // 1000)
             except BatchError as exc:
                 self.state.reject(exc.reason)
                 log.info("rejected batch on %s: %s", message.topic, exc)

@@ -52,6 +52,9 @@ def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
         "brands_first_time_active": (sum(first_time) if parts and None not in first_time
                                      else None),
         "chatbot_queries": total("chatbot_queries"),
+        # For latency measurements: the newest send time among the batches counted so far.
+        "newest_sent_at_us": max((int(p.get("newest_sent_at_us") or 0) for p in parts),
+                                 default=0),
         "minute": minute,
         "sim_time": sim_time,
         "window": window,

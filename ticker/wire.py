@@ -3,9 +3,9 @@
 A batch is one producer's orders for one simulated minute, as equal-length columns.
 Two encodings, told apart by their first bytes (see docs/wire-format.md):
 
-* binary  -- starts with the magic ``b"GMVB"``: a 24-byte little-endian header, the producer
-  id padded to 8 bytes, then the raw columns (amount int64, brand uint32, country uint8,
-  platform uint8). Decoding is `np.frombuffer` views: no copy, no per-order Python work.
+* binary  -- starts with the magic ``b"GMVB"``: a 24-byte little-endian header, with flag
+  0x01 an int64 send time, the producer id padded to 8 bytes, then the raw columns (amount
+  int64, brand uint32, country uint8, platform uint8). Decoding is `np.frombuffer` views: no copy, no per-order Python work.
 * JSON    -- starts with ``{`` (after optional whitespace): one object with the same fields
   and the columns as arrays; for people, scripts and `mosquitto_pub`.
 
@@ -25,6 +25,8 @@ MAGIC = b"GMVB"
 VERSION = 1
 _HEADER = struct.Struct("<4sBBHIQI")  # magic, version, flags, producer_len, n, seq, minute
 _COLUMNS = (("amount_cents", "<i8"), ("brand", "<u4"), ("country", "u1"), ("platform", "u1"))
+FLAG_SENT_AT = 0x01  # an int64 send time (microseconds since the epoch) follows the header
+_SENT_AT = struct.Struct("<q")
 
 MAX_PRODUCER_LEN = 64
 MAX_SEQ = 2**63 - 1
@@ -76,6 +78,7 @@ class OrderBatch:
     brand: np.ndarray  # uint32
     country: np.ndarray  # uint8
     platform: np.ndarray  # uint8
+    sent_at_us: int = 0  # optional: the producer's wall clock at sending, for latency
 
     def __len__(self) -> int:
         return len(self.amount_cents)
@@ -133,10 +136,14 @@ def encode(batch: OrderBatch, *, binary: bool = True) -> bytes:
     if binary:
         producer = batch.producer.encode()
         pad = b"\0" * (-len(producer) % 8)
-        header = _HEADER.pack(MAGIC, VERSION, 0, len(producer), len(batch), batch.seq, batch.minute)
+        flags = FLAG_SENT_AT if batch.sent_at_us else 0
+        header = _HEADER.pack(MAGIC, VERSION, flags, len(producer), len(batch), batch.seq,
+                              batch.minute)
+        sent_at = _SENT_AT.pack(batch.sent_at_us) if flags else b""
         columns = [np.ascontiguousarray(getattr(batch, name), dtype=dt).tobytes()
                    for name, dt in _COLUMNS]
-        return b"".join([header, producer, pad, *columns])
+        return b"".join([header, sent_at, producer, pad, *columns])
+    extra = {"sent_at_us": batch.sent_at_us} if batch.sent_at_us else {}
     return orjson.dumps({
         "v": VERSION,
         "producer": batch.producer,
@@ -146,6 +153,7 @@ def encode(batch: OrderBatch, *, binary: bool = True) -> bytes:
         "brand": batch.brand,
         "country": batch.country,
         "platform": batch.platform,
+        **extra,
     }, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
@@ -169,26 +177,30 @@ def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
     _, version, flags, plen, n, seq, minute = _HEADER.unpack_from(payload)
     if version != VERSION:
         raise BatchError("bad_version", f"version {version}")
-    if flags != 0:
-        raise BatchError("bad_version", f"flags {flags:#04x}: version 1 defines none")
+    if flags & ~FLAG_SENT_AT:
+        raise BatchError("bad_version", f"flags {flags:#04x}: version 1 defines only 0x01")
     if n > limits.max_batch_orders:
         raise BatchError("oversized", f"{n} orders > {limits.max_batch_orders}")
-    offset = _HEADER.size + plen + (-plen % 8)
+    start = _HEADER.size + (_SENT_AT.size if flags else 0)  # the producer id starts here
+    offset = start + plen + (-plen % 8)
     expected = offset + n * (8 + 4 + 1 + 1)
     if len(payload) != expected:
         raise BatchError("bad_length", f"{len(payload)} bytes, {n} orders need {expected}")
+    sent_at = _SENT_AT.unpack_from(payload, _HEADER.size)[0] if flags else 0
+    if sent_at < 0:
+        raise BatchError("out_of_range", f"sent_at_us={sent_at}")
     try:
-        producer = payload[_HEADER.size:_HEADER.size + plen].decode()
+        producer = payload[start:start + plen].decode()
     except UnicodeDecodeError:
         raise BatchError("bad_producer", "producer id is not UTF-8") from None
-    if payload[_HEADER.size + plen:offset].strip(b"\0"):
+    if payload[start + plen:offset].strip(b"\0"):
         raise BatchError("bad_length", "padding after the producer id must be NUL bytes")
     columns = {}
     for name, dtype in _COLUMNS:
         column = np.frombuffer(payload, dtype=dtype, count=n, offset=offset)
         columns[name] = column
         offset += column.nbytes
-    return OrderBatch(producer, seq, minute, **columns)
+    return OrderBatch(producer, seq, minute, **columns, sent_at_us=sent_at)
 
 
 def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
@@ -201,9 +213,12 @@ def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
     producer, seq, minute = doc.get("producer"), doc.get("seq"), doc.get("minute")
     if not isinstance(producer, str):
         raise BatchError("bad_producer", f"producer={producer!r}")
-    for name, value in (("seq", seq), ("minute", minute)):
+    sent_at = doc.get("sent_at_us", 0)
+    for name, value in (("seq", seq), ("minute", minute), ("sent_at_us", sent_at)):
         if type(value) is not int:
             raise BatchError("bad_type", f"{name}={value!r} is not an integer")
+    if not 0 <= sent_at < 2**63:
+        raise BatchError("out_of_range", f"sent_at_us={sent_at}")
     columns = {}
     for name, dtype in _COLUMNS:
         column = doc.get(name)
@@ -220,7 +235,7 @@ def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
             columns[name] = np.array(column, dtype=np.int64)
         except OverflowError:
             raise BatchError("out_of_range", f"{name} holds an integer beyond 64 bits") from None
-    return OrderBatch(producer, seq, minute, **columns)
+    return OrderBatch(producer, seq, minute, **columns, sent_at_us=sent_at)
 
 
 def _check_values(batch: OrderBatch, limits: Limits) -> None:
