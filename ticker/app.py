@@ -44,6 +44,9 @@ async def run(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
     command = args.command
     if command in ("demo", "simulate", "replay"):
         return await play(args, broker, standalone=command == "demo" or broker is None)
+    if command == "bench":
+        from .bench import run_bench
+        return await run_bench(args, broker)
     return await {"aggregate": aggregate, "serve": serve, "record": record,
                   "control": control}[command](args, broker)
 

@@ -161,6 +161,28 @@ def build_parser() -> argparse.ArgumentParser:
                           "below the broker's max_inflight_messages (default 16)")
     control(agg)
 
+    bench = commands.add_parser("bench", help="load-test the pipeline through a real broker")
+    broker(bench, required=False, embedded=" (default: start a Mosquitto of its own)")
+    bench.add_argument("--broker-pid", type=int, help="the broker's pid, to report its CPU")
+    bench.add_argument("--rate", type=_positive(float), default=583_000,
+                       help="orders/s offered, the peak with --shape festival (default 583000)")
+    bench.add_argument("--shape", choices=("constant", "festival"), default="constant",
+                       help="constant rate, or the 2020 curve squeezed into the duration")
+    bench.add_argument("--duration", type=_positive(float), default=60.0,
+                       help="seconds of load (default 60)")
+    bench.add_argument("--orders", type=_positive(int), help="stop after this many orders")
+    bench.add_argument("--batch-orders", type=_positive(int, 300_000), default=10_000,
+                       help="orders per batch (default 10000)")
+    bench.add_argument("--encoding", choices=("binary", "json"), default="binary")
+    bench.add_argument("--qos", type=int, choices=(0, 1), default=1)
+    bench.add_argument("--producers", type=_positive(int, 16), default=1,
+                       help="producer processes (default 1)")
+    bench.add_argument("--inflight", type=_positive(int, 65535), default=64,
+                       help="unacknowledged QoS 1 batches per producer (default 64)")
+    bench.add_argument("--drain-timeout", type=_positive(float), default=30.0,
+                       help="seconds to wait for the aggregator to catch up (default 30)")
+    bench.add_argument("--json", metavar="PATH", help="also write the report as JSON")
+
     srv = commands.add_parser("serve", help="serve the ticker page and websocket")
     broker(srv, required=True)
     scenario(srv, "to compare with the year before")

@@ -213,6 +213,15 @@ class ReliablePublisher:
         self._unacked[key] = (topic, payload, retain)
         self._start(key)
 
+    async def send_qos0(self, topic: str, payload: bytes) -> None:
+        """Fire and forget (QoS 0): nothing is kept or re-sent; load tests measure its losses."""
+        await self._recover_if_broken()
+        assert self._client is not None
+        try:
+            await self._client.publish(topic, payload, qos=0)
+        except aiomqtt.MqttError as exc:
+            self._broken = exc
+
     async def flush(self) -> None:
         """Wait until the broker has acknowledged every message sent so far."""
         while self._unacked:

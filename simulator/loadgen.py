@@ -1,0 +1,92 @@
+"""Load generation for `gmv bench`: a pool of real festival batches and an open-loop schedule.
+
+Pure. Generating orders costs more than aggregating them, so a load test draws its batches
+from a pool cut from a real busy minute of the 2020 festival (festival-shaped brands,
+countries, platforms and amounts) and only re-stamps each one's producer, sequence number,
+minute and send time. The schedule gives every batch an absolute deadline, so a publisher
+that falls behind sends late batches at once instead of silently lowering the offered load
+(no coordinated omission); how late is part of the report.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import orjson
+
+from ticker.wire import FLAG_SENT_AT, MAGIC, VERSION, OrderBatch, encode
+
+from .scenario import Scenario
+
+_HEADER = struct.Struct("<4sBBHIQIq")  # the binary header followed by the send time
+
+
+@dataclass(frozen=True, eq=False)
+class Pool:
+    """Pre-encoded batch bodies; `payload(i, ...)` stamps batch i for sending."""
+
+    bodies: list[bytes]     # binary: producer + columns; JSON: the column part
+    orders: list[int]
+    gmv_cents: list[int]
+    binary: bool
+    producer: str
+
+    def payload(self, i: int, seq: int, minute: int, sent_at_us: int) -> bytes:
+        k = i % len(self.bodies)
+        if self.binary:
+            header = _HEADER.pack(MAGIC, VERSION, FLAG_SENT_AT, len(self.producer.encode()),
+                                  self.orders[k], seq, minute, sent_at_us)
+            return header + self.bodies[k]
+        return b'{"v":1,"producer":"%s","seq":%d,"minute":%d,"sent_at_us":%d,' % (
+            self.producer.encode(), seq, minute, sent_at_us) + self.bodies[k]
+
+
+def build_pool(scenario: Scenario, minute: int, batch_orders: int, batches: int, *,
+               binary: bool, producer: str) -> Pool:
+    """Cut `batches` batches of `batch_orders` from `minute` of `scenario` (wrapping around)."""
+    orders = scenario.orders(minute)
+    if batch_orders > len(orders):
+        raise ValueError(f"batch_orders={batch_orders}: minute {minute} has {len(orders)}")
+    bodies, counts, gmv = [], [], []
+    slots = len(orders) // batch_orders
+    for i in range(batches):
+        part = orders.slice((i % slots) * batch_orders, (i % slots + 1) * batch_orders)
+        batch = OrderBatch(producer, 0, minute, part.amount_cents, part.brand, part.country,
+                           part.platform, sent_at_us=1)
+        full = encode(batch, binary=binary)
+        if binary:
+            bodies.append(full[_HEADER.size:])
+        else:
+            columns = orjson.dumps({"amount_cents": part.amount_cents, "brand": part.brand,
+                                    "country": part.country, "platform": part.platform},
+                                   option=orjson.OPT_SERIALIZE_NUMPY)
+            bodies.append(columns[1:])  # without the opening brace
+        counts.append(len(batch))
+        gmv.append(batch.gmv_cents)
+    return Pool(bodies, counts, gmv, binary, producer)
+
+
+def deadlines(rate_per_s: np.ndarray, batch_orders: int, total_orders: int) -> np.ndarray:
+    """Send time (s from the start) of each batch, for an offered rate given per second.
+
+    `rate_per_s[k]` is the order rate during second k; batch b is due when the cumulative
+    offered orders reach b * batch_orders (linear within a second).
+    """
+    cumulative = np.concatenate(([0.0], np.cumsum(rate_per_s, dtype=np.float64)))
+    n = int(min(total_orders, cumulative[-1]) // batch_orders)
+    targets = np.arange(n) * float(batch_orders)
+    second = np.searchsorted(cumulative, targets, side="right") - 1
+    second = np.clip(second, 0, len(rate_per_s) - 1)
+    within = (targets - cumulative[second]) / np.maximum(rate_per_s[second], 1e-9)
+    return second + within
+
+
+def festival_rates(scenario: Scenario, seconds: int, peak: float) -> np.ndarray:
+    """The festival's per-minute curve squeezed into `seconds`, with its busiest second at
+    `peak` orders/s."""
+    curve = scenario.minute_gmv_cents.astype(np.float64)
+    edges = np.linspace(0, len(curve), seconds + 1).astype(int)
+    per_second = np.add.reduceat(curve, edges[:-1])
+    return per_second / per_second.max() * peak

@@ -1,0 +1,375 @@
+"""`gmv bench`: an open-loop, festival-shaped load through a real broker, with a report.
+
+Processes: N producers (this module, forked), the aggregator (`gmv aggregate`) and the ticker
+server (`gmv serve`) as subprocesses, and Mosquitto (started here unless --broker is given).
+The orchestrator watches the aggregator's totals over MQTT and one websocket viewer, then
+reports throughput, latency percentiles (publish -> aggregated from the aggregator's
+histogram; publish -> websocket frame measured by the viewer), CPU per process, aggregator
+memory, and published / aggregated / lost / double-counted counts. Exit 1 if any order was
+lost or double counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import orjson
+from websockets.asyncio.client import connect as ws_connect
+
+from simulator.loadgen import build_pool, deadlines, festival_rates
+from simulator.scenario import scenario_for_year
+
+from .errors import ConfigError
+from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
+
+BUSY_MINUTE = 15_120  # Nov 11 12:00: hundreds of thousands of orders at order scale 1
+TICKS = 1_000_000
+
+
+@dataclass
+class Proc:
+    name: str
+    pid: int
+    cpu_start: float = 0.0
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError):
+            return 0.0
+
+    def rss_mb(self) -> float:
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+
+@dataclass
+class Report:
+    settings: dict
+    published_orders: int = 0
+    published_batches: int = 0
+    published_gmv_cents: int = 0
+    published_bytes: int = 0
+    publish_seconds: float = 0.0
+    max_lateness_ms: float = 0.0
+    aggregated_orders: int = 0
+    aggregated_gmv_cents: int = 0
+    aggregated_batches: int = 0
+    aggregate_seconds: float = 0.0
+    duplicates_dropped: int = 0
+    gaps: int = 0
+    latency_aggregated_ms: dict | None = None
+    latency_frame_ms: dict | None = None
+    cpu_cores: dict = field(default_factory=dict)
+    aggregator_rss_mb: dict = field(default_factory=dict)
+
+    @property
+    def lost_orders(self) -> int:
+        return max(self.published_orders - self.aggregated_orders, 0)
+
+    @property
+    def double_counted_orders(self) -> int:
+        return max(self.aggregated_orders - self.published_orders, 0)
+
+    def as_dict(self) -> dict:
+        d = dict(vars(self))
+        d.update(lost_orders=self.lost_orders, double_counted_orders=self.double_counted_orders,
+                 published_orders_per_s=self._rate(self.published_orders, self.publish_seconds),
+                 aggregated_orders_per_s=self._rate(self.aggregated_orders,
+                                                    self.aggregate_seconds),
+                 batches_per_s=self._rate(self.published_batches, self.publish_seconds),
+                 mb_per_s=self._rate(self.published_bytes / 1e6, self.publish_seconds))
+        return d
+
+    @staticmethod
+    def _rate(amount: float, seconds: float) -> float:
+        return round(amount / seconds, 1) if seconds > 0 else 0.0
+
+
+# --- producers (forked processes) -------------------------------------------------------------
+
+def _produce(index: int, args: dict, go, results) -> None:
+    """One producer process: its share of the batches, each at its absolute deadline."""
+    asyncio.run(_produce_async(index, args, go, results))
+
+
+async def _produce_async(index: int, a: dict, go, results) -> None:
+    scenario = scenario_for_year(2020, order_scale=1.0)
+    producer = f"bench-{a['run']}-{index}"
+    pool = build_pool(scenario, BUSY_MINUTE, a["batch_orders"], 16,
+                      binary=a["encoding"] == "binary", producer=producer)
+    due = np.load(a["schedule"])[index::a["producers"]]
+    broker, topics = BrokerSettings(a["host"], a["port"]), Topics(a["prefix"])
+    sent = orders = gmv = size = 0
+    lateness = 0.0
+    async with ReliablePublisher(broker, max_inflight=a["inflight"]) as publisher:
+        results.put(("ready", index, None))
+        await asyncio.to_thread(go.wait)  # every producer starts on the same signal
+        t0, cpu0 = time.monotonic(), time.process_time()
+        for seq, deadline in enumerate(due):
+            wait = t0 + deadline - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            lateness = max(lateness, -wait)
+            minute = int(deadline / a["seconds"] * (a["window_minutes"] - 1))
+            payload = pool.payload(seq, seq, minute, time.time_ns() // 1000)
+            if a["qos"] == 1:
+                await publisher.send(topics.orders(index), payload)
+            else:
+                await publisher.send_qos0(topics.orders(index), payload)
+            k = seq % len(pool.bodies)
+            sent, orders, gmv, size = sent + 1, orders + pool.orders[k], \
+                gmv + pool.gmv_cents[k], size + len(payload)
+            if seq % 64 == 0:
+                results.put(("progress", index, orders))
+        await publisher.flush()
+        if a["qos"] == 1:  # let the aggregator tell a lost tail from the end of the stream
+            await publisher.send(topics.producer(producer), orjson.dumps(
+                {"v": 1, "producer": producer, "last_seq": sent - 1}))
+            await publisher.flush()
+    results.put(("done", index, {"batches": sent, "orders": orders, "gmv_cents": gmv,
+                                 "bytes": size, "seconds": time.monotonic() - t0,
+                                 "cpu_seconds": time.process_time() - cpu0,
+                                 "lateness_ms": lateness * 1000}))
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _own_mosquitto():
+    """A Mosquitto of the bench's own on a free port, sized for a load test."""
+    binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+    if not Path(binary).exists():
+        raise ConfigError("no --broker given and no mosquitto installed to start one")
+    port = free_port()
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "mosquitto.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                        "max_queued_messages 0\nmax_inflight_messages 0\nlog_dest none\n")
+        proc = subprocess.Popen([binary, "-c", str(conf)])
+        try:
+            for _ in range(100):
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                    break
+                time.sleep(0.05)
+            yield BrokerSettings("127.0.0.1", port), proc.pid
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _spawn(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ticker.cli", *argv],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def run_bench(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
+    stack = contextlib.ExitStack()
+    with stack:
+        broker_pid = args.broker_pid
+        if broker is None:
+            broker, broker_pid = stack.enter_context(_own_mosquitto())
+        report = await _run(args, broker, broker_pid, stack)
+    _print(report)
+    if args.json:
+        Path(args.json).write_bytes(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2))
+    return 1 if report.lost_orders or report.double_counted_orders else 0
+
+
+async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> Report:
+    run = uuid.uuid4().hex[:6]
+    topics = Topics(f"bench/{run}")
+    total = args.orders or int(args.rate * args.duration)
+    seconds = int(args.duration)
+    rates = festival_rates(scenario_for_year(2020), seconds, args.rate) \
+        if args.shape == "festival" else np.full(seconds, float(args.rate))
+    due = deadlines(rates, args.batch_orders, total)
+    if not len(due):
+        raise ConfigError("the settings give no batch to send: raise --rate or --duration")
+    tmp = stack.enter_context(tempfile.TemporaryDirectory())
+    schedule = Path(tmp) / "schedule.npy"
+    np.save(schedule, due)
+    report = Report(settings={k: v for k, v in vars(args).items() if k != "func"})
+    common = ["--broker", broker.url, "--prefix", topics.prefix]
+    port = free_port()
+    aggregator = _spawn("aggregate", *common)
+    server = _spawn("serve", *common, "--port", str(port))
+    stack.callback(lambda: [p.terminate() for p in (aggregator, server)])
+    procs = {"aggregator": Proc("aggregator", aggregator.pid),
+             "server": Proc("server", server.pid), "bench": Proc("bench", os.getpid())}
+    if broker_pid:
+        procs["broker"] = Proc("broker", broker_pid)
+
+    latest: dict = {}
+    ready = asyncio.Event()
+    watcher = asyncio.create_task(watch_totals(broker, topics, latest.update, ready=ready))
+    await asyncio.wait_for(ready.wait(), 10)
+    await _wait_for_port(port)
+    await asyncio.sleep(1.0)  # the aggregator subscribes
+    frames: list[float] = []
+    viewer = asyncio.create_task(_view(port, frames))
+    report.aggregator_rss_mb["start"] = procs["aggregator"].rss_mb()
+
+    ctx = multiprocessing.get_context("spawn")  # no copy of this process's event loop
+    results, go = ctx.Queue(), ctx.Event()
+    shared = dict(run=run, host=broker.host, port=broker.port, prefix=topics.prefix,
+                  schedule=str(schedule), producers=args.producers, qos=args.qos,
+                  batch_orders=args.batch_orders, encoding=args.encoding,
+                  seconds=max(seconds, 1), window_minutes=15_840, inflight=args.inflight)
+    workers = [ctx.Process(target=_produce, args=(i, shared, go, results), daemon=True)
+               for i in range(args.producers)]
+    for w in workers:
+        w.start()
+    ready = 0
+    while ready < args.producers:
+        kind, _, _ = await asyncio.to_thread(results.get, True, 60)
+        ready += kind == "ready"
+    for p in procs.values():
+        p.cpu_start = p.cpu_seconds()
+    go.set()
+    t0 = time.monotonic()
+    done, progress = {}, {}
+    while len(done) < args.producers:
+        while not results.empty():
+            kind, index, value = results.get()
+            (done if kind == "done" else progress)[index] = value
+        published = sum(d["orders"] if isinstance(d, dict) else 0 for d in done.values()) + \
+            sum(v for k, v in progress.items() if k not in done)
+        _progress_bar(time.monotonic() - t0, args.duration, published, latest)
+        if not any(w.is_alive() for w in workers) and len(done) < args.producers:
+            raise ConfigError("a producer process died; run with -v to see why")
+        await asyncio.sleep(0.25)
+    publish_wall = time.monotonic() - t0
+    for d in done.values():
+        report.published_orders += d["orders"]
+        report.published_batches += d["batches"]
+        report.published_gmv_cents += d["gmv_cents"]
+        report.published_bytes += d["bytes"]
+        report.max_lateness_ms = max(report.max_lateness_ms, d["lateness_ms"])
+    report.publish_seconds = publish_wall
+    # Drain: wait until the aggregator has every batch, or nothing moves for a while.
+    last_change, last_orders = time.monotonic(), -1
+    while latest.get("orders", 0) < report.published_orders and \
+            time.monotonic() - last_change < args.drain_timeout:
+        if latest.get("orders", 0) != last_orders:
+            last_change, last_orders = time.monotonic(), latest.get("orders", 0)
+        await asyncio.sleep(0.05)
+    report.aggregate_seconds = time.monotonic() - t0
+    await asyncio.sleep(0.3)  # a last frame reaches the viewer
+    wall = time.monotonic() - t0
+    report.cpu_cores = {name: round((p.cpu_seconds() - p.cpu_start) / wall, 3)
+                        for name, p in procs.items()}
+    for index, d in sorted(done.items()):  # producers have exited: they report their own
+        report.cpu_cores[f"producer-{index}"] = round(d["cpu_seconds"] / wall, 3)
+    report.aggregator_rss_mb["end"] = procs["aggregator"].rss_mb()
+    report.aggregated_orders = int(latest.get("orders", 0))
+    report.aggregated_gmv_cents = int(latest.get("gmv_cents", 0))
+    report.aggregated_batches = int(latest.get("batches", 0))
+    report.duplicates_dropped = int(latest.get("duplicates", 0))
+    report.gaps = int(latest.get("gaps", 0))
+    report.latency_aggregated_ms = latest.get("latency_ms")
+    report.latency_frame_ms = _percentiles(frames)
+    for task in (watcher, viewer):
+        task.cancel()
+    await asyncio.gather(watcher, viewer, return_exceptions=True)
+    if sys.stderr.isatty():
+        sys.stderr.write("\n")
+    return report
+
+
+async def _wait_for_port(port: int) -> None:
+    for _ in range(200):
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        await asyncio.sleep(0.05)
+    raise ConfigError("the ticker server did not start")
+
+
+async def _view(port: int, frames: list[float]) -> None:
+    """One websocket viewer: for each frame, now minus the newest send time it includes."""
+    newest = 0
+    async with ws_connect(f"ws://127.0.0.1:{port}/ws", max_size=2**22) as ws:
+        async for message in ws:
+            frame = orjson.loads(message)
+            sent = frame.get("newest_sent_at_us")
+            if sent and sent != newest:
+                newest = sent
+                frames.append((time.time_ns() // 1000 - sent) / 1000)
+
+
+def _percentiles(samples: list[float]) -> dict | None:
+    if not samples:
+        return None
+    q = np.percentile(samples, [50, 90, 99, 99.9])
+    return {"count": len(samples), "p50": round(q[0], 3), "p90": round(q[1], 3),
+            "p99": round(q[2], 3), "p999": round(q[3], 3), "max": round(max(samples), 3)}
+
+
+_last_line = [0.0]
+
+
+def _progress_bar(elapsed: float, duration: float, published: int, latest: dict) -> None:
+    """A bar redrawn in place on a terminal; a line every 5 s into a file or pipe."""
+    tty = sys.stderr.isatty()
+    if not tty and elapsed - _last_line[0] < 5:
+        return
+    _last_line[0] = elapsed
+    share = min(elapsed / duration, 1.0) if duration else 1.0
+    rate = published / elapsed if elapsed > 0 else 0
+    line = (f"[{'#' * int(share * 30):<30}] {elapsed:5.1f}s  published {published:>13,} "
+            f"({rate / 1e6:5.2f}M/s)  aggregated {latest.get('orders', 0):>13,}")
+    sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
+    sys.stderr.flush()
+
+
+def _print(r: Report) -> None:
+    d = r.as_dict()
+    lines = [
+        f"published   {r.published_orders:,} orders in {r.published_batches:,} batches, "
+        f"{d['published_orders_per_s'] / 1e6:.2f}M orders/s, {d['batches_per_s']:,.0f} "
+        f"batches/s, {d['mb_per_s']:.1f} MB/s (max lateness {r.max_lateness_ms:.0f} ms)",
+        f"aggregated  {r.aggregated_orders:,} orders, {d['aggregated_orders_per_s'] / 1e6:.2f}M "
+        f"orders/s; GMV {r.aggregated_gmv_cents:,} of {r.published_gmv_cents:,} cents",
+        f"lost        {r.lost_orders:,} orders; double counted {r.double_counted_orders:,}; "
+        f"redeliveries dropped {r.duplicates_dropped:,}; gaps {r.gaps:,}",
+        f"latency     publish->aggregated {_fmt(r.latency_aggregated_ms)}",
+        f"            publish->websocket  {_fmt(r.latency_frame_ms)}",
+        "cpu         " + ", ".join(f"{k} {v:.2f}" for k, v in r.cpu_cores.items())
+        + " cores",
+        f"memory      aggregator RSS {r.aggregator_rss_mb.get('start', 0):.0f} MB at start, "
+        f"{r.aggregator_rss_mb.get('end', 0):.0f} MB at the end",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def _fmt(p: dict | None) -> str:
+    if not p:
+        return "n/a"
+    return (f"p50 {p['p50']:.1f} ms, p90 {p['p90']:.1f}, p99 {p['p99']:.1f}, "
+            f"p99.9 {p['p999']:.1f}, max {p['max']:.1f} ({p['count']:,} samples)")
