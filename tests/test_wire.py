@@ -182,7 +182,7 @@ def test_producer_length_counts_characters_not_bytes():
                          ids=["empty", "text", "json-array", "short-magic", "lowercase-magic",
                               "utf8-bom"])
 def test_unknown_encoding_is_rejected(payload):
-    """A payload starting with neither GMVB nor `{` is `unknown_encoding`, naming its first bytes."""
+    """A payload starting with neither GMVB nor `{` is `unknown_encoding`, naming its start."""
     message = rejected(payload, "unknown_encoding")
     assert repr(payload[:8]) in message
 
@@ -251,7 +251,7 @@ def test_json_wrong_or_missing_version_is_rejected(v):
     binary(plen=200),  # producer length beyond the payload
 ], ids=["short-columns", "trailing-byte", "no-padding", "n-too-big", "plen-too-big"])
 def test_binary_with_wrong_total_length_is_bad_length(payload):
-    """A binary payload not exactly header + padded producer + 14 bytes per order is `bad_length`."""
+    """A binary payload not header + padded producer + 14 bytes an order is `bad_length`."""
     message = rejected(payload, "bad_length")
     assert f"{len(payload)} bytes" in message and "orders need" in message
 
@@ -473,7 +473,7 @@ def test_binary_id_out_of_range_is_unknown_id(changes, expected):
     ({"n_platforms": 300}, "n_countries and n_platforms must be at most 256 (uint8 columns)"),
 ])
 def test_limits_rejects_invalid_settings_with_a_message_naming_them(changes, message):
-    """Limits refuses a non-positive or non-integer setting, or more than 256 countries/platforms."""
+    """Limits refuses a non-positive or non-integer setting, or over 256 countries/platforms."""
     base = dict(n_brands=10, n_minutes=10, n_countries=2, n_platforms=2)
     with pytest.raises(ValueError) as info:
         Limits(**{**base, **changes})

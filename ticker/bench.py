@@ -34,7 +34,7 @@ from simulator.loadgen import build_pool, deadlines, festival_rates
 from simulator.scenario import scenario_for_year
 
 from .errors import ConfigError
-from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
+from .mqtt import BrokerSettings, ReliablePublisher, Topics, watch_totals
 
 BUSY_MINUTE = 15_120  # Nov 11 12:00: hundreds of thousands of orders at order scale 1
 TICKS = 1_000_000

@@ -5,7 +5,8 @@ Two encodings, told apart by their first bytes (see docs/wire-format.md):
 
 * binary  -- starts with the magic ``b"GMVB"``: a 24-byte little-endian header, with flag
   0x01 an int64 send time, the producer id padded to 8 bytes, then the raw columns (amount
-  int64, brand uint32, country uint8, platform uint8). Decoding is `np.frombuffer` views: no copy, no per-order Python work.
+  int64, brand uint32, country uint8, platform uint8). Decoding is `np.frombuffer` views:
+  no copy, no per-order Python work.
 * JSON    -- starts with ``{`` (after optional whitespace): one object with the same fields
   and the columns as arrays; for people, scripts and `mosquitto_pub`.
 
