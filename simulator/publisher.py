@@ -161,12 +161,14 @@ class Replay:
         self.report.minutes += 1
 
     async def _announce(self) -> None:
-        """Say how far we got, so a consumer can tell a lost tail from the end of the stream."""
+        """Say how far we got, so a consumer can tell a lost tail from the end of the stream.
+        Retained: if the broker dropped the tail for a full queue, a later (re)subscription
+        still gets this and reports the missing batches as gaps."""
         await self.publisher.send(self.topics.producer(self.producer), orjson.dumps(
             {"v": 1, "producer": self.producer, "last_seq": self._seq["orders"] - 1,
              "chatbot_last_seq": self._seq["chatbot"] - 1,
              "batches": self.report.batches, "orders": self.report.orders,
-             "gmv_cents": self.report.gmv_cents}))
+             "gmv_cents": self.report.gmv_cents}), retain=True)
 
     async def _restart(self, target: int) -> None:
         """Reset the aggregators and replay from the start, fast, up to `target`."""
@@ -210,7 +212,8 @@ class Replay:
     async def _status(self) -> None:
         """Retained replay status, shown on the page: on a change, else at most once a second."""
         now = self._now()
-        seeking = self.next_minute < min(self.clock.position(now), self.last)
+        seeking = self.clock.speed is not None and \
+            self.next_minute < min(self.clock.position(now), self.last)
         state = "seeking" if seeking and self._state == "playing" else self._state
         key = (state, self.clock.speed, self.loop, self.source.name)
         if key == self._status_sent and now - self._status_at < 1.0:

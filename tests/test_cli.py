@@ -102,3 +102,32 @@ def test_demo_runs_everything_in_one_process_and_stops_on_ctrl_c():
         out, err = demo.communicate(timeout=15)
     assert demo.returncode == 0, err
     assert "Traceback" not in err and "stopped" in err
+
+
+def test_sigterm_stops_the_aggregator_cleanly_with_a_final_checkpoint(mosquitto, topics,
+                                                                      tmp_path):
+    """`docker stop` (SIGTERM) ends `gmv aggregate` with exit 0 and its totals on disk."""
+    from simulator.scenario import scenario_for_year
+    from ticker import checkpoint
+
+    from .conftest import festival_limits
+    path = tmp_path / "agg.ckpt"
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    port = free_port()
+    procs = [subprocess.Popen(GMV + ["aggregate", *broker, "--checkpoint", str(path)],
+                              stderr=subprocess.PIPE, text=True),
+             subprocess.Popen(GMV + ["serve", *broker, "--port", str(port)])]
+    try:
+        wait_for_port(port)
+        time.sleep(0.5)
+        assert main(["simulate", *broker, "--scenario", "2019", "--order-scale", "0.0001"]) == 0
+        wait_totals(port, lambda t: t["gmv_cents"] == scenario_for_year(2019).gmv_cents)
+        procs[0].send_signal(signal.SIGTERM)
+        _, err = procs[0].communicate(timeout=15)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    assert procs[0].returncode == 0 and "stopped" in err and "Traceback" not in err
+    saved = checkpoint.load(path, festival_limits())
+    assert saved.gmv_cents == scenario_for_year(2019).gmv_cents

@@ -67,6 +67,11 @@ class Aggregator:
             # are not mixed into a fresh total.
             async with connect(self.broker, self.client_id, clean_session=True):
                 pass
+            if self.checkpoint_path is not None:
+                # From here on the broker keeps our session: a crash before the first real
+                # checkpoint must resume it, not end it again and drop what it holds.
+                checkpoint.save(self.checkpoint_path, checkpoint.export(self.state))
+                self.restored = True
         try:
             await reconnecting(self.broker, self.client_id, self._session,
                                clean_session=False, manual_ack=True)
@@ -87,6 +92,8 @@ class Aggregator:
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(client), name=f"aggregator-{self.shard}-consume")
             tg.create_task(self._publish_totals(client), name=f"aggregator-{self.shard}-totals")
+            tg.create_task(self._reread_announcements(client),
+                           name=f"aggregator-{self.shard}-announcements")
             if self.checkpoint_path is not None:
                 tg.create_task(self._checkpoint_timer(client),
                                name=f"aggregator-{self.shard}-checkpoints")
@@ -131,6 +138,13 @@ class Aggregator:
             self.resets += 1
             await self.checkpoint(client)
 
+    async def _reread_announcements(self, client, every: float = 5.0) -> None:
+        """Subscribing again makes the broker resend the retained announcements: one whose
+        live copy a full queue dropped (with the tail it announces) still arrives."""
+        while True:
+            await asyncio.sleep(every)
+            await client.subscribe(self.topics.all_producers, qos=1)
+
     def _note_announcement(self, payload: bytes) -> None:
         """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
         try:
@@ -139,11 +153,16 @@ class Aggregator:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.warning("ignoring a malformed producer announcement: %r", payload[:200])
             return
-        if isinstance(producer, str) and type(last_seq) is int and last_seq >= 0:
-            self.state.watermarks.announce(producer, last_seq)
+        # Announcements are retained: ignore those of producers this state never heard from
+        # (an earlier run's), so a fresh aggregator does not report their batches as gaps.
+        marks = self.state.watermarks
+        if isinstance(producer, str) and type(last_seq) is int and last_seq >= 0 \
+                and marks.knows(producer):
+            marks.announce(producer, last_seq)
         chatbot_last = note.get("chatbot_last_seq")
-        if isinstance(producer, str) and type(chatbot_last) is int and chatbot_last >= 0:
-            self.state.watermarks.announce(f"{producer}#chatbot", chatbot_last)
+        if isinstance(producer, str) and type(chatbot_last) is int and chatbot_last >= 0 \
+                and marks.knows(f"{producer}#chatbot"):
+            marks.announce(f"{producer}#chatbot", chatbot_last)
 
     async def _checkpoint_timer(self, client) -> None:
         while True:

@@ -143,7 +143,7 @@ async def _produce_async(index: int, a: dict, go, results) -> None:
         await publisher.flush()
         if a["qos"] == 1:  # let the aggregator tell a lost tail from the end of the stream
             await publisher.send(topics.producer(producer), orjson.dumps(
-                {"v": 1, "producer": producer, "last_seq": sent - 1}))
+                {"v": 1, "producer": producer, "last_seq": sent - 1}), retain=True)
             await publisher.flush()
     results.put(("done", index, {"batches": sent, "orders": orders, "gmv_cents": gmv,
                                  "bytes": size, "seconds": time.monotonic() - t0,

@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConnectionError as exc:
         print(f"gmv: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM
         print("gmv: stopped", file=sys.stderr)
         return 0
 

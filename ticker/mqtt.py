@@ -163,9 +163,10 @@ async def reconnecting(broker: BrokerSettings, identifier: str,
                                manual_ack=manual_ack) as client:
                 delay = 0.2
                 await session(client)
-        except (ConnectionError, aiomqtt.MqttError) as exc:
+        # except*: a session's task group wraps the lost connection in an ExceptionGroup.
+        except* (ConnectionError, aiomqtt.MqttError) as group:
             log.warning("%s: broker connection lost (%s); retrying in %.1f s",
-                        identifier, exc, delay)
+                        identifier, group.exceptions[0], delay)
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
 
@@ -281,11 +282,12 @@ class ReliablePublisher:
 
 
 async def watch_totals(broker: BrokerSettings, topics: Topics,
-                       on_totals: Callable[[dict], None], *,
+                       on_totals: Callable[[dict, bool], None], *,
                        on_replay: Callable[[dict], None] | None = None,
                        ready: asyncio.Event | None = None) -> None:
-    """Call `on_totals(snapshot)` for every shard snapshot published on the totals topics,
-    and `on_replay(status)` for the replay's status."""
+    """Call `on_totals(snapshot, fresh)` for every shard snapshot published on the totals
+    topics (`fresh` is False for a retained copy, which may come from a dead aggregator), and
+    `on_replay(status)` for the replay's status."""
 
     async def session(client: aiomqtt.Client) -> None:
         await client.subscribe(topics.all_totals, qos=1)
@@ -305,7 +307,7 @@ async def watch_totals(broker: BrokerSettings, topics: Topics,
                 if on_replay is not None:
                     on_replay(doc)
             elif "shard" in doc:
-                on_totals(doc)
+                on_totals(doc, not message.retain)
 
     await reconnecting(broker, unique_client_id("gmv-server"), session)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import mimetypes
 import time
 from collections.abc import Awaitable, Callable
@@ -54,26 +55,34 @@ class TickerServer:
         self.allowed_origins = allowed_origins  # None: any Origin (and none)
         self._changed = asyncio.Event()
         self._received = asyncio.Event()
+        self._primed = asyncio.Event()  # set by the first totals, or after prime_timeout
+        self.prime_timeout = 2.0
         self.viewers = 0
         self.heartbeat_interval = 1.0
-        self._last_totals_at = time.monotonic()
+        self._last_totals_at = -math.inf  # nothing heard yet: not fresh
 
-    def receive_totals(self, totals: dict) -> None:
-        self._last_totals_at = time.monotonic()
+    def receive_totals(self, totals: dict, fresh: bool = True) -> None:
+        """A shard's totals; `fresh` False for the broker's retained copy, which shows the
+        last totals but says nothing about whether their aggregator is still alive."""
+        if fresh:
+            self._last_totals_at = time.monotonic()
         self.feed.receive(totals)
         self._received.set()
+        self._primed.set()
 
     def receive_replay(self, status: dict) -> None:
         self.feed.receive_replay(status)
         self._received.set()
 
     def _heartbeat(self, seq: int) -> bytes:
-        age_ms = int((time.monotonic() - self._last_totals_at) * 1000)
+        age = time.monotonic() - self._last_totals_at
+        age_ms = int(age * 1000) if math.isfinite(age) else None
         return orjson.dumps({"type": "heartbeat", "seq": seq, "upstream_age_ms": age_ms})
 
     async def run_pusher(self) -> None:
         """Fold received totals into a new version at once, then at most `push_hz` times a
         second: no added delay after a quiet spell, no more frames than viewers want."""
+        asyncio.get_running_loop().call_later(self.prime_timeout, self._primed.set)
         while True:
             await self._received.wait()
             self._received.clear()
@@ -122,6 +131,9 @@ class TickerServer:
 
     async def _send_latest(self, ws: ServerConnection) -> None:
         sent = 0
+        # A server that just started has not had the retained totals yet: rather than show
+        # $0.00 to a reconnecting screen, wait for them (or for prime_timeout, if none come).
+        await self._primed.wait()
         try:
             while True:
                 if self.feed.seq == sent:

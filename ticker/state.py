@@ -42,6 +42,9 @@ class Watermarks:
     def __init__(self) -> None:
         self._producers: dict[str, _ProducerSeqs] = {}
 
+    def knows(self, producer: str) -> bool:
+        return producer in self._producers
+
     def announce(self, producer: str, last_seq: int) -> None:
         """A producer says it has published up to `last_seq`: anything missing below is a gap,
         including a lost tail that no later batch would reveal."""

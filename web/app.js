@@ -58,7 +58,9 @@ function handleMessage(raw) {
     case 'heartbeat':
       // Sent when nothing changed for a second: proves the link is up, and says how long
       // ago the server last heard from an aggregator.
-      lastUpstreamAgeMs = typeof msg.upstream_age_ms === 'number' ? msg.upstream_age_ms : 0;
+      // null: the server has not heard from a live aggregator since it started.
+      lastUpstreamAgeMs = typeof msg.upstream_age_ms === 'number' ? msg.upstream_age_ms
+        : msg.upstream_age_ms === null ? Infinity : 0;
       noteAlive();
       return;
     case 'control_result':
