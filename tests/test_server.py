@@ -115,3 +115,24 @@ async def test_viewer_messages_change_nothing_and_oversized_ones_close():
                     while True:
                         await ws.recv()
         assert server.feed.view["gmv_cents"] == 500
+
+
+async def test_quiet_feed_sends_one_heartbeat_a_second_with_the_upstream_age():
+    """With nothing new, viewers get a heartbeat each second saying how old the totals are."""
+    async with serving() as (server, port):
+        server.receive_totals(shard("0", 100, 1, 0))
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert orjson.loads(await ws.recv())["type"] == "snapshot"
+            beats = [orjson.loads(await asyncio.wait_for(ws.recv(), 3)) for _ in range(2)]
+    assert [b["type"] for b in beats] == ["heartbeat", "heartbeat"]
+    assert 500 < beats[1]["upstream_age_ms"] < 4000
+
+
+async def test_retained_totals_show_but_do_not_count_as_fresh():
+    """Totals the broker kept (retained) are displayed, with no claim that they are live."""
+    async with serving() as (server, port):
+        server.receive_totals(shard("0", 100, 1, 0), False)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert orjson.loads(await ws.recv())["gmv_cents"] == 100
+            beat = orjson.loads(await asyncio.wait_for(ws.recv(), 3))
+    assert beat["type"] == "heartbeat" and beat["upstream_age_ms"] is None

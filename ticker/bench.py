@@ -187,7 +187,7 @@ def _own_mosquitto():
 
 def _spawn(*argv: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "ticker.cli", *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 async def run_bench(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
@@ -222,7 +222,9 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
     port = free_port()
     aggregator = _spawn("aggregate", *common)
     server = _spawn("serve", *common, "--port", str(port))
-    stack.callback(lambda: [p.terminate() for p in (aggregator, server)])
+    for proc in (aggregator, server):
+        stack.callback(proc.wait, 10)
+        stack.callback(proc.terminate)
     procs = {"aggregator": Proc("aggregator", aggregator.pid),
              "server": Proc("server", server.pid), "bench": Proc("bench", os.getpid())}
     if broker_pid:
@@ -230,7 +232,8 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
 
     latest: dict = {}
     ready = asyncio.Event()
-    watcher = asyncio.create_task(watch_totals(broker, topics, latest.update, ready=ready))
+    watcher = asyncio.create_task(watch_totals(
+        broker, topics, lambda totals, fresh: latest.update(totals), ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
     await _wait_for_port(port)
     await asyncio.sleep(1.0)  # the aggregator subscribes
