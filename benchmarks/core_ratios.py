@@ -182,7 +182,24 @@ def generator_cost(rounds: int) -> dict[str, float]:
     batches = festival_batches(10_000, 30)
     enc_b = [_timer(lambda: [encode(b) for b in batches]) for _ in range(rounds)]
     enc_j = [_timer(lambda: [encode(b, binary=False) for b in batches]) for _ in range(rounds)]
-    return {"minute_orders": n,
+    parts = {}
+    try:  # where the generator's time goes (simulator internals: skipped if they move)
+        from simulator.curve import allocate
+        from simulator.generator import PLATFORM_MIX
+
+        rng, catalog = np.random.default_rng(1), scenario.catalog
+        weights = rng.lognormal(0.0, 0.9, n)
+        steps = {"lognormal amounts": lambda: rng.lognormal(0.0, 0.9, n),
+                 "allocate (exact split, argsort)": lambda: allocate(10**12, weights),
+                 "sample_brands (searchsorted on the CDF)":
+                     lambda: catalog.sample_brands(rng, n),
+                 "platform choice": lambda: rng.choice(len(PLATFORM_MIX), size=n,
+                                                       p=PLATFORM_MIX)}
+        for name, fn in steps.items():
+            parts[name] = median([_timer(fn) for _ in range(rounds)]) / n * 1e9
+    except Exception as exc:  # noqa: BLE001 - informative only
+        parts["unavailable"] = repr(exc)
+    return {"minute_orders": n, "generate_breakdown_ns_per_order": parts,
             "generate_ns_per_order": median(gen) / n * 1e9,
             "generate_orders_per_s": n / median(gen),
             "encode_binary_ns_per_order": median(enc_b) / 300_000 * 1e9,
@@ -210,6 +227,8 @@ def print_table(doc: dict) -> None:
           f"{g['generate_ns_per_order']:.0f} ns/order = {g['generate_orders_per_s'] / 1e6:.2f}M "
           f"orders/s per core; encode binary {g['encode_binary_ns_per_order']:.2f} ns/order, "
           f"JSON {g['encode_json_ns_per_order']:.1f} ns/order ==")
+    for name, ns in g["generate_breakdown_ns_per_order"].items():
+        print(f"  {name:<44}{ns:8.1f} ns/order" if isinstance(ns, float) else f"  {name}: {ns}")
 
 
 def main(argv: list[str] | None = None) -> int:

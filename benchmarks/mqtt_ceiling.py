@@ -1,4 +1,4 @@
-"""MQTT ceiling: how many order batches a subscriber gets through our own Mosquitto, and at what cost.
+"""MQTT ceiling: how many order batches a subscriber gets through our own Mosquitto, at what cost.
 
     .venv/bin/python benchmarks/mqtt_ceiling.py --json benchmarks/results/mqtt_ceiling.json
     .venv/bin/python benchmarks/mqtt_ceiling.py --batch-orders 100000 --count 2000 \
@@ -240,7 +240,8 @@ async def _publish_lean(args: argparse.Namespace, make) -> None:
 async def _publish_aiomqtt(args: argparse.Namespace, make) -> None:
     import aiomqtt
 
-    async with aiomqtt.Client("127.0.0.1", args.port, identifier=f"bench-pub-{uuid.uuid4().hex[:8]}",
+    async with aiomqtt.Client("127.0.0.1", args.port,
+                              identifier=f"bench-pub-{uuid.uuid4().hex[:8]}",
                               max_inflight_messages=args.window, timeout=30) as client:
         client.pending_calls_threshold = args.window * 2
         pending: set[asyncio.Task] = set()
@@ -321,7 +322,8 @@ async def subscriber_main(args: argparse.Namespace) -> None:
 async def _sub_aiomqtt(args: argparse.Namespace, tally: Tally) -> None:
     import aiomqtt
 
-    async with aiomqtt.Client("127.0.0.1", args.port, identifier=f"bench-sub-{uuid.uuid4().hex[:8]}",
+    async with aiomqtt.Client("127.0.0.1", args.port,
+                              identifier=f"bench-sub-{uuid.uuid4().hex[:8]}",
                               timeout=30) as client:
         await client.subscribe(args.topic, qos=1)
         _ready(tally)
@@ -392,8 +394,8 @@ async def _sub_aggregator(args: argparse.Namespace, tally: Tally, result: dict) 
         result["consumer"] = "ticker.mqtt.run_aggregator"
     apply = state.apply
 
-    def counted_apply(batch) -> bool:  # on the instance: the product code is untouched
-        applied = apply(batch)
+    def counted_apply(batch, *args, **kwargs) -> bool:  # on the instance only
+        applied = apply(batch, *args, **kwargs)
         tally.count(len(batch) * 14)  # binary-equivalent bytes; payload size is not visible
         return applied
 
@@ -538,13 +540,35 @@ def print_row(r: dict) -> None:
           flush=True)
 
 
+def summarize(rows: list[dict]) -> list[dict]:
+    """Medians over repetitions per (encoding, subscriber, publisher); losses summed."""
+    import statistics
+
+    out = []
+    for key in dict.fromkeys((r["encoding"], r["subscriber"], r["publisher"]) for r in rows):
+        rs = [r for r in rows if (r["encoding"], r["subscriber"], r["publisher"]) == key]
+        summary = {"encoding": key[0], "subscriber": key[1], "publisher": key[2],
+                   "batch_orders": rs[0]["batch_orders"], "repetitions": len(rs),
+                   "lost": sum(r["lost"] for r in rs),
+                   "gmv_exact": all(r.get("gmv_exact", True) for r in rs)}
+        for name in ("messages_per_s", "orders_per_s", "MB_per_s",
+                     "subscriber_cpu_us_per_message", "broker_cpu_us_per_message",
+                     "publisher_cpu_us_per_message", "publisher_messages_per_s",
+                     "others_cores"):
+            values = [r[name] for r in rs if r.get(name) is not None]
+            summary[name] = statistics.median(values) if values else None
+        out.append(summary)
+    return out
+
+
 def orchestrate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     doc = {"benchmark": "mqtt_ceiling", "command": "benchmarks/mqtt_ceiling.py "
            + " ".join(sys.argv[1:]), "machine": machine_info(), "window": args.window,
            "rows": []}
     print(f"{'enc':<7}{'subscriber':<17}{'pub':<8}{'recv':>7}{'lost':>6}{'msg/s':>9}"
-          f"{'Mord/s':>9}{'MB/s':>8}{'sub µs':>9}{'brk µs':>9}{'pub µs':>9}{'pub m/s':>9}{'others':>7}")
+          f"{'Mord/s':>9}{'MB/s':>8}{'sub µs':>9}{'brk µs':>9}{'pub µs':>9}{'pub m/s':>9}"
+          f"{'others':>7}")
     print(f"{'':<7}{'':<17}{'':<8}{'':>7}{'':>6}{'':>9}{'':>9}{'':>8}"
           f"{'/msg':>9}{'/msg':>9}{'/msg':>9}")
     with own_mosquitto() as (port, broker):
@@ -552,14 +576,29 @@ def orchestrate(args: argparse.Namespace) -> int:
             os.sched_setaffinity(broker.pid, {0})
         cases = [(e, k, "lean") for e in args.encodings for k in args.kinds]
         cases += [(e, "lean", p) for e in args.encodings for p in args.publishers]
-        for encoding, kind, publisher in cases:
-            if time.monotonic() - started > args.max_seconds:
-                print(f"skipping {encoding}/{kind}/{publisher}: over --max-seconds", flush=True)
-                continue
-            count = args.heavy_count if kind.startswith("aggregator") else args.count
-            row = run_case(args, port, broker.pid, encoding, kind, publisher, count)
-            doc["rows"].append(row)
-            print_row(row)
+        # Repetitions interleave the cases, so that they share the machine's noise.
+        for rep in range(args.repeat):
+            for encoding, kind, publisher in cases:
+                if time.monotonic() - started > args.max_seconds:
+                    print(f"skipping {encoding}/{kind}/{publisher}: over --max-seconds",
+                          flush=True)
+                    continue
+                count = args.heavy_count if kind.startswith("aggregator") else args.count
+                row = run_case(args, port, broker.pid, encoding, kind, publisher, count)
+                row["repetition"] = rep
+                doc["rows"].append(row)
+                print_row(row)
+    doc["summary"] = summarize(doc["rows"])
+    if args.repeat > 1:
+        print("medians over repetitions:")
+        nan = float("nan")
+        for r in doc["summary"]:
+            print(f"  {r['encoding']:<7}{r['subscriber']:<17}{r['publisher']:<9}"
+                  f"msg/s {r['messages_per_s'] or nan:>7.0f}"
+                  f"  M orders/s {(r['orders_per_s'] or nan) / 1e6:6.2f}"
+                  f"  sub {r['subscriber_cpu_us_per_message'] or nan:7.1f} µs/msg"
+                  f"  broker {r['broker_cpu_us_per_message'] or nan:6.1f}"
+                  f"  pub {r['publisher_cpu_us_per_message'] or nan:6.1f}  lost {r['lost']}")
     doc["seconds"] = time.monotonic() - started
     if args.json:
         write_json(args.json, doc)
@@ -580,13 +619,15 @@ def main() -> int:
                         help="also run these publishers into the lean subscriber "
                              "(reliable = ticker.mqtt.ReliablePublisher, the simulator's)")
     parser.add_argument("--batch-orders", type=int, default=10_000)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="repetitions; each one runs every case in turn")
     parser.add_argument("--count", type=int, default=20_000,
                         help="messages per run for the bare subscribers")
     parser.add_argument("--heavy-count", type=int, default=5_000,
                         help="messages per run for the decoding (aggregator) subscribers")
     parser.add_argument("--window", type=int, default=64, help="QoS 1 messages in flight")
     parser.add_argument("--deadline", type=float, default=40.0, help="seconds per run at most")
-    parser.add_argument("--max-seconds", type=float, default=110.0,
+    parser.add_argument("--max-seconds", type=float, default=90.0,
                         help="start no new run after this many seconds")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--json", metavar="PATH")

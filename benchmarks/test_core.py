@@ -18,7 +18,13 @@ import pytest
 
 pytest.importorskip("pytest_benchmark")
 
-from _common import KernelArrays, NaiveTotals, festival_batches, festival_limits, naive_messages  # noqa: E402
+from _common import (  # noqa: E402
+    KernelArrays,
+    NaiveTotals,
+    festival_batches,
+    festival_limits,
+    naive_messages,
+)
 
 from ticker.state import AggregateState  # noqa: E402
 from ticker.wire import decode, encode  # noqa: E402
