@@ -72,7 +72,7 @@ def _variant_class(name: str):
     from websockets.exceptions import ConnectionClosed
     from websockets.protocol import State
 
-    from ticker.server import TickerServer
+    from ticker.server import TickerServer, _text_frame
 
     class _OnePassServer(TickerServer):
         """Fan-out in one pass per version from the pusher instead of one task per viewer."""
@@ -138,18 +138,6 @@ def _variant_class(name: str):
 
     return {"task": TickerServer, "broadcast": BroadcastTickerServer,
             "rawframe": RawFrameTickerServer}[name]
-
-
-def _text_frame(payload: bytes) -> bytes:
-    """An unmasked, unfragmented RFC 6455 text frame (server to client)."""
-    n = len(payload)
-    if n < 126:
-        header = bytes((0x81, n))
-    elif n < 65536:
-        header = bytes((0x81, 126)) + n.to_bytes(2, "big")
-    else:
-        header = bytes((0x81, 127)) + n.to_bytes(8, "big")
-    return header + payload
 
 
 def _totals(i: int, now_us: int) -> dict:

@@ -30,10 +30,10 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
 from ticker.cli import main
-from ticker.server import TickerServer
 
 from .conftest import MOSQUITTO, free_port, wait_for_port
 from .test_feed import shard
+from .test_server import serving
 
 GMV = [sys.executable, "-m", "ticker.cli"]
 TOTAL = 7_410_000_000_000  # the 2020 scenario's GMV in cents, at any order scale
@@ -282,19 +282,6 @@ def test_plain_mqtt_to_the_tls_port_fails_cleanly(tls_port):
 
 
 # --- 3. websocket origins -------------------------------------------------------------------
-
-@contextlib.asynccontextmanager
-async def serving(**options):
-    server = TickerServer(push_hz=50, **options)
-    ws_server = await server.serve("127.0.0.1", 0)
-    pusher = asyncio.create_task(server.run_pusher())
-    try:
-        yield server, ws_server.sockets[0].getsockname()[1]
-    finally:
-        pusher.cancel()
-        ws_server.close()
-        await ws_server.wait_closed()
-
 
 def http_status(port: int, path: str) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
