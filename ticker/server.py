@@ -58,7 +58,7 @@ class TickerServer:
         self.allowed_origins = allowed_origins  # None: any Origin (and none)
         self._received = asyncio.Event()
         self._sent: dict[ServerConnection, int] = {}  # viewer -> version it holds
-        self._primed = asyncio.Event()  # set once the view holds totals, or after prime_timeout
+        self._primed = asyncio.Event()  # set once the view holds real totals
         self.prime_timeout = 2.0
         self.viewers = 0
         self.heartbeat_interval = 1.0
@@ -86,7 +86,6 @@ class TickerServer:
         """Fold received totals into a new version at once, then at most `push_hz` times a
         second on a fixed grid (the fan-out's own time does not stretch the period)."""
         loop = asyncio.get_running_loop()
-        loop.call_later(self.prime_timeout, self._primed.set)
         next_push = last_frame = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
@@ -98,7 +97,7 @@ class TickerServer:
             if self.feed.publish():
                 self._fan_out()
                 last_frame = now
-            elif now - last_frame >= self.heartbeat_interval and self._primed.is_set():
+            elif now - last_frame >= self.heartbeat_interval:
                 self._write(list(self._sent), self._heartbeat())
                 last_frame = now
             if self.feed.shards:
@@ -137,8 +136,10 @@ class TickerServer:
         self.viewers += 1
         try:
             # A server that just started has not had the retained totals yet: rather than
-            # show $0.00 to a reconnecting screen, wait for them (or for prime_timeout).
-            await self._primed.wait()
+            # show $0.00 to a reconnecting screen, wait for them (at most prime_timeout).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.prime_timeout):
+                    await self._primed.wait()
             seq = self.feed.seq
             await ws.send(self.feed.snapshot_frame, text=True)
             self._sent[ws] = seq
