@@ -72,3 +72,23 @@ def test_viewer_one_version_behind_gets_update_others_snapshot():
     assert snapshot["type"] == "snapshot" and snapshot["gmv_cents"] == 3
     assert snapshot["seq"] == feed.seq
     assert orjson.loads(feed.frame_for(0))["type"] == "snapshot"
+
+
+def test_passing_last_years_total_is_placed_on_its_exact_minute():
+    """Snapshots 200 minutes apart still place the moment 2019's total was passed exactly,
+    from the shard's recent per-minute GMV (2020 passes it during Nov 11 01:08)."""
+    import numpy as np
+
+    from simulator.scenario import scenario_for_year
+    from ticker.app import comparison_for
+
+    gmv = scenario_for_year(2020).minute_gmv_cents
+    cumulative = np.cumsum(gmv)
+    feed = Feed(comparison_for(2020))
+    for minute in (14_300, 14_500):
+        feed.receive(shard("0", int(cumulative[minute]), 1, minute,
+                           recent_gmv_cents=gmv[minute - 239:minute + 1].tolist()))
+        feed.publish()
+    crossing = int(np.searchsorted(cumulative, feed.comparison.cumulative[-1]))
+    assert crossing == 14_468
+    assert feed.view["compare"]["passed_at"] == "2020-11-11T01:08:00+08:00"

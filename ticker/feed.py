@@ -132,13 +132,29 @@ class Feed:
         return view
 
     def _crossing_time(self, view: dict, total: int) -> str | None:
-        """When this year's total passed last year's: interpolated between two views."""
+        """When this year's total passed last year's: the exact minute when it is among the
+        shards' recent minutes (one shard), else interpolated between two views."""
         minute, gmv = view["minute"], view["gmv_cents"]
-        if self._before is not None and self._before[1] < total and self._before[0] <= minute:
+        recent = self._recent_minutes()
+        if recent is not None:
+            # Walk back from now: the crossing minute is the last one whose start was below.
+            for m in range(minute, minute - len(recent), -1):
+                gmv -= recent[m - minute - 1]
+                if gmv < total:
+                    minute = m
+                    break
+        elif self._before is not None and self._before[1] < total and self._before[0] <= minute:
             m0, g0 = self._before
             minute = m0 + (minute - m0) * (total - g0) / max(gmv - g0, 1)
         start = datetime.fromisoformat(view["window"]["start"])
         return (start + timedelta(minutes=int(minute))).isoformat()
+
+    def _recent_minutes(self) -> list[int] | None:
+        """The recent per-minute GMV, if one shard reports it (shards split by brand would
+        need adding minute by minute; then the interpolation is used)."""
+        if len(self.shards) != 1:
+            return None
+        return next(iter(self.shards.values())).get("recent_gmv_cents") or None
 
     def publish(self) -> bool:
         """Fold received totals into a new version; False if nothing changed."""

@@ -87,6 +87,9 @@ class Watermarks:
         return marks
 
 
+RECENT_MINUTES = 240
+
+
 class LatencyHistogram:
     """Publish-to-apply latencies in log-spaced buckets (8 a doubling, 1 µs to ~70 min):
     fixed memory, percentiles within 9% of the true value."""
@@ -228,4 +231,8 @@ class AggregateState:
             "producers": self.watermarks.as_dict(),
             "latency_ms": self.latency.percentiles(),
             "newest_sent_at_us": self.newest_sent_at_us,
+            # The last RECENT_MINUTES minutes' GMV, so a watcher can place an event (passing
+            # last year's total) on the exact minute even when snapshots are minutes apart.
+            "recent_gmv_cents": (self.gmv_by_minute[max(0, minute + 1 - RECENT_MINUTES):
+                                                    minute + 1].tolist() if minute >= 0 else []),
         }
