@@ -99,7 +99,7 @@ async def running_pipeline(broker: BrokerSettings, topics: Topics, *,
     watch_ready = asyncio.Event()
     tasks = [
         asyncio.create_task(aggregator.run()),
-        asyncio.create_task(watch_totals(broker, topics, server.receive_totals,
+        asyncio.create_task(watch_totals(broker, topics, server.receive_message,
                                          ready=watch_ready)),
         asyncio.create_task(server.run_pusher()),
     ]

@@ -148,8 +148,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                 ws_server = await stack.enter_async_context(
                     await _listen(server, args.host, args.port))
                 tg.create_task(aggregator.run(), name="aggregator")
-                tg.create_task(watch_totals(broker, topics, server.receive_totals,
-                                            on_replay=server.receive_replay), name="watch")
+                tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch")
                 tg.create_task(server.run_pusher(), name="pusher")
                 await aggregator.ready.wait()
                 url = f"http://{args.host}:{_bound_port(ws_server)}/"
@@ -207,8 +206,7 @@ async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
             comparison=comparison_for(int(args.scenario)),
             send_control=lambda payload: publisher.send(topics.control, payload))
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
-        tg.create_task(watch_totals(broker, topics, server.receive_totals,
-                                    on_replay=server.receive_replay), name="watch-totals")
+        tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch-totals")
         tg.create_task(server.run_pusher(), name="pusher")
         print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
     return 0

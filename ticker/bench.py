@@ -232,8 +232,12 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
 
     latest: dict = {}
     ready = asyncio.Event()
-    watcher = asyncio.create_task(watch_totals(
-        broker, topics, lambda totals, fresh: latest.update(totals), ready=ready))
+
+    def note_totals(topic: str, payload: bytes, retained: bool) -> None:
+        if topic.startswith(f"{topics.prefix}/totals/"):
+            latest.update(orjson.loads(payload))
+
+    watcher = asyncio.create_task(watch_totals(broker, topics, note_totals, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
     await _wait_for_port(port)
     await asyncio.sleep(1.0)  # the aggregator subscribes

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aiomqtt
-import orjson
 
 from .errors import ConfigError
 
@@ -282,32 +281,20 @@ class ReliablePublisher:
 
 
 async def watch_totals(broker: BrokerSettings, topics: Topics,
-                       on_totals: Callable[[dict, bool], None], *,
-                       on_replay: Callable[[dict], None] | None = None,
+                       on_message: Callable[[str, bytes, bool], None], *,
                        ready: asyncio.Event | None = None) -> None:
-    """Call `on_totals(snapshot, fresh)` for every shard snapshot published on the totals
-    topics (`fresh` is False for a retained copy, which may come from a dead aggregator), and
-    `on_replay(status)` for the replay's status."""
+    """Call `on_message(topic, payload, retained)` for every message on the totals topics and
+    the replay status topic. The callee validates (`TickerServer.receive_message`): anything
+    can arrive here, and a retained copy may come from a dead aggregator."""
 
     async def session(client: aiomqtt.Client) -> None:
         await client.subscribe(topics.all_totals, qos=1)
-        if on_replay is not None:
-            await client.subscribe(topics.replay, qos=1)
+        await client.subscribe(topics.replay, qos=1)
         if ready is not None:
             ready.set()
         async for message in client.messages:
-            try:
-                doc = orjson.loads(message.payload)  # type: ignore[arg-type]
-            except orjson.JSONDecodeError:
-                log.warning("ignoring a malformed message on %s", message.topic)
-                continue
-            if not isinstance(doc, dict) or doc.get("v") != 1:
-                continue
-            if message.topic.matches(topics.replay):
-                if on_replay is not None:
-                    on_replay(doc)
-            elif "shard" in doc:
-                on_totals(doc, not message.retain)
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            on_message(message.topic.value, payload, bool(message.retain))
 
     await reconnecting(broker, unique_client_id("gmv-server"), session)
 

@@ -64,6 +64,20 @@ class TickerServer:
         self.heartbeat_interval = 1.0
         self._last_totals_at = -math.inf  # nothing heard yet: not fresh
 
+    def receive_message(self, topic: str, payload: bytes, retained: bool) -> None:
+        """One message from the totals or replay topic (see `mqtt.watch_totals`)."""
+        try:
+            doc = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            log.warning("ignoring a malformed message on %s", topic)
+            return
+        if not isinstance(doc, dict) or doc.get("v") != 1:
+            return
+        if topic.rsplit("/", 1)[-1] == "replay":
+            self.receive_replay(doc)
+        elif "shard" in doc:
+            self.receive_totals(doc, not retained)
+
     def receive_totals(self, totals: dict, fresh: bool = True) -> None:
         """A shard's totals; `fresh` False for the broker's retained copy, which shows the
         last totals but says nothing about whether their aggregator is still alive."""
