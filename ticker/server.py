@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 import math
 import mimetypes
+import resource
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -29,12 +31,43 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .control import ControlError, parse_command
-from .feed import Comparison, Feed
+from .control import ControlError, FailureLimiter, parse_command, sign
+from .feed import Comparison, Feed, MessageError, UnknownShard
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+PAGE_COMMANDS = ("pause", "resume", "speed", "seek")  # not reset: that one wipes the totals
+FD_MARGIN = 64  # open files kept for the listening socket, the broker, logs, HTTP requests
+LOG_INTERVAL = 10.0  # seconds between two log lines about the same kind of refusal
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open files to its hard limit, where the system
+    allows it; the (soft, hard) limits then in force, for the caller to log."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+class LogThrottle:
+    """Counts events and says when to log them: the first at once, then at most one line
+    per `interval` seconds, with the count since the last line."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._count = 0
+        self._next = -math.inf
+
+    def due(self, now: float) -> int:
+        """Count one event; how many to report now, or 0 to stay quiet."""
+        self._count += 1
+        if now < self._next:
+            return 0
+        count, self._count, self._next = self._count, 0, now + self.interval
+        return count
 
 
 class TickerServer:
@@ -44,50 +77,74 @@ class TickerServer:
                  max_message_bytes: int = 4096,
                  allowed_origins: list[str] | None = None,
                  comparison: Comparison | None = None, control_token: str | None = None,
-                 send_control: Callable[[bytes], Awaitable[None]] | None = None) -> None:
+                 send_control: Callable[[bytes], Awaitable[None]] | None = None,
+                 expected_shards: int = 1, max_viewers: int = 10_000) -> None:
         """`control_token` and `send_control`: an operator on the page (?operator=1) who
-        gives the token may pause, resume, seek or change the speed of the replay."""
+        gives the token may pause, resume, seek or change the speed of the replay; the
+        command goes out signed with the token (`control.sign`), never carrying it.
+        `expected_shards`: the aggregator shards "0" .. "N-1" whose totals are merged.
+        `max_viewers`: open websockets at most (lowered to what the open-files limit can
+        hold); past it, a new one gets HTTP 503."""
         if push_hz <= 0:
             raise ValueError(f"push_hz={push_hz}: must be positive")
-        self.feed = Feed(comparison)
+        if max_viewers <= 0:
+            raise ValueError(f"max_viewers={max_viewers}: must be positive")
+        self.feed = Feed(comparison, expected_shards=expected_shards)
         self.control_token = control_token
         self.send_control = send_control
         self.web_dir = web_dir.resolve()
+        self._files = _files_of(self.web_dir)
         self.push_interval = 1.0 / push_hz
         self.max_message_bytes = max_message_bytes
+        self.max_viewers = _within_fd_limit(max_viewers)
         self.allowed_origins = allowed_origins  # None: any Origin (and none)
         self._received = asyncio.Event()
         self._sent: dict[ServerConnection, int] = {}  # viewer -> version it holds
+        self._connections: set[ServerConnection] = set()  # admitted to /ws, until closed
         self._primed = asyncio.Event()  # set once the view holds real totals
         self.prime_timeout = 2.0
-        self.viewers = 0
         self.heartbeat_interval = 1.0
         self._last_totals_at = -math.inf  # nothing heard yet: not fresh
+        self._wrong_tokens = FailureLimiter(burst=5, refill=1.0)  # shared by all viewers
+        self._ignored_log, self._refused_log = LogThrottle(), LogThrottle()
+
+    @property
+    def viewers(self) -> int:
+        """Websockets open or opening, idle or not."""
+        return len(self._connections)
 
     def receive_message(self, topic: str, payload: bytes, retained: bool) -> None:
-        """One message from the totals or replay topic (see `mqtt.watch_totals`)."""
+        """One message from the totals or replay topic (see `mqtt.watch_totals`). Never
+        raises: a message that does not fit is counted in the view's stats, logged now and
+        then, and dropped."""
+        parent, _, level = topic.rpartition("/")
         try:
-            doc = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            log.warning("ignoring a malformed message on %s", topic)
-            return
-        if not isinstance(doc, dict) or doc.get("v") != 1:
-            return
-        if topic.rsplit("/", 1)[-1] == "replay":
-            self.receive_replay(doc)
-        elif "shard" in doc:
-            self.receive_totals(doc, not retained)
+            if parent.rpartition("/")[2] == "totals":
+                self.feed.accept_totals(level, payload)
+                if not retained:
+                    self._last_totals_at = time.monotonic()
+            elif level == "replay":
+                self.feed.accept_replay(payload)
+            else:
+                return
+        except UnknownShard as exc:
+            if exc.new:
+                log.warning("ignoring the totals on %.200r: %s (merging shards 0 to %d only)",
+                            topic, exc, self.feed.expected_shards - 1)
+        except MessageError as exc:
+            if count := self._ignored_log.due(time.monotonic()):
+                log.warning("ignored %d malformed message(s) on the totals and replay topics "
+                            "since the last report; the latest, on %.200r: %s",
+                            count, topic, exc)
+        self._received.set()
 
     def receive_totals(self, totals: dict, fresh: bool = True) -> None:
-        """A shard's totals; `fresh` False for the broker's retained copy, which shows the
-        last totals but says nothing about whether their aggregator is still alive."""
+        """A shard's checked totals (`feed.parse_totals`); `fresh` False for the broker's
+        retained copy, which shows the last totals but says nothing about whether their
+        aggregator is still alive."""
         if fresh:
             self._last_totals_at = time.monotonic()
         self.feed.receive(totals)
-        self._received.set()
-
-    def receive_replay(self, status: dict) -> None:
-        self.feed.receive_replay(status)
         self._received.set()
 
     def _heartbeat(self) -> bytes:
@@ -147,7 +204,6 @@ class TickerServer:
                            backlog=2048)
 
     async def _viewer(self, ws: ServerConnection) -> None:
-        self.viewers += 1
         try:
             # A server that just started has not had the retained totals yet: rather than
             # show $0.00 to a reconnecting screen, wait for them (at most prime_timeout).
@@ -165,10 +221,9 @@ class TickerServer:
             pass
         finally:
             self._sent.pop(ws, None)
-            self.viewers -= 1
 
     async def _control(self, message: str | bytes) -> dict | None:
-        """Forward an operator's command if its token is right; anything else is ignored."""
+        """Answer an operator's command; anything that is not one is ignored."""
         try:
             doc = orjson.loads(message)
         except orjson.JSONDecodeError:
@@ -177,27 +232,69 @@ class TickerServer:
             return None
         cmd = doc.get("cmd")
         try:
-            if self.send_control is None:
-                raise ControlError("this server has no replay control")
-            command = parse_command(doc, self.control_token)
-            await self.send_control(command.encode(self.control_token or ""))
+            await self._forward(doc)
         except ControlError as exc:
-            log.warning("refused a control command: %s", exc)
+            if count := self._refused_log.due(time.monotonic()):
+                log.warning("refused %d control command(s) from viewers since the last "
+                            "report; the latest: %s", count, exc)
             return {"type": "control_result", "ok": False, "cmd": cmd, "error": str(exc)}
         return {"type": "control_result", "ok": True, "cmd": cmd}
 
+    async def _forward(self, doc: dict) -> None:
+        """Send the command on, signed, if the token is right and the command one the page
+        may give. Wrong tokens drain a bucket shared by all viewers; while it is empty the
+        token is not even checked, so guessing is held to about one try a second."""
+        if self.send_control is None:
+            raise ControlError("this server has no replay control")
+        if self.control_token is None:
+            raise ControlError("control is disabled here (no control token configured)")
+        now = time.monotonic()
+        if wait := self._wrong_tokens.retry_in(now):
+            raise ControlError(f"too many wrong tokens; retry in {math.ceil(wait)} s")
+        token = doc.get("token")
+        if not isinstance(token, str) or \
+                not hmac.compare_digest(token.encode(), self.control_token.encode()):
+            self._wrong_tokens.failed(now)
+            raise ControlError("bad token")
+        command = parse_command(doc)
+        if command.cmd not in PAGE_COMMANDS:
+            raise ControlError(f"{command.cmd} is not accepted from the page: only "
+                               f"{', '.join(PAGE_COMMANDS)}")
+        await self.send_control(sign(command, self.control_token, now=time.time()))
+        log.info("forwarded an operator's %s from the page", command)
+
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        path = request.path.split("?", 1)[0]
+        """Static files and /api/totals for GET and HEAD; /ws goes on to the handshake if
+        there is room. Nothing in a request reaches the file system: only the files listed
+        at start are served."""
+        path = request.path.partition("?")[0]
         if path == "/ws":
+            if request.method != "GET":
+                return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET only\n", "text/plain",
+                                 [("Allow", "GET")])
+            if self.viewers >= self.max_viewers:
+                return _response(HTTPStatus.SERVICE_UNAVAILABLE,
+                                 b"too many viewers; try again later\n", "text/plain",
+                                 [("Retry-After", "10")])
+            self._admit(connection)
             return None  # go on with the websocket handshake
+        if request.method not in ("GET", "HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, b"GET or HEAD only\n",
+                             "text/plain", [("Allow", "GET, HEAD")])
         if path == "/api/totals":
-            return _response(HTTPStatus.OK, self.feed.snapshot_frame, "application/json")
-        name = "index.html" if path == "/" else path.lstrip("/")
-        file = (self.web_dir / name).resolve()
-        if file.parent != self.web_dir or not file.is_file():
-            return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
-        kind = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
-        return _response(HTTPStatus.OK, file.read_bytes(), kind)
+            response = _response(HTTPStatus.OK, self.feed.snapshot_frame, "application/json")
+        else:
+            response = _file_response(self._files.get(path))
+        if request.method == "HEAD":
+            response.body = b""  # Content-Length stays that of the body
+        return response
+
+    def _admit(self, connection: ServerConnection) -> None:
+        """Count a viewer from its accepted handshake request until its socket closes,
+        however that ends (a refused handshake, a close, a dead peer)."""
+        self._connections.add(connection)
+        connection.connection_lost_waiter.add_done_callback(
+            lambda _: self._connections.discard(connection))
 
 
 WRITE_BUFFER_LIMIT = 64 * 1024  # a viewer with more unsent than this is skipped
@@ -215,8 +312,40 @@ def _text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-def _response(status: HTTPStatus, body: bytes, content_type: str) -> Response:
-    headers = Headers([("Content-Type", f"{content_type}; charset=utf-8"),
-                       ("Content-Length", str(len(body))),
-                       ("Cache-Control", "no-cache")])
-    return Response(status.value, status.phrase, headers, body)
+def _response(status: HTTPStatus, body: bytes, content_type: str,
+              headers: list[tuple[str, str]] | None = None) -> Response:
+    return Response(status.value, status.phrase, Headers([
+        ("Content-Type", f"{content_type}; charset=utf-8"),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-cache"), *(headers or [])]), body)
+
+
+def _file_response(file: Path | None) -> Response:
+    if file is not None:
+        with contextlib.suppress(OSError):  # gone since start: as if it never was
+            return _response(HTTPStatus.OK, file.read_bytes(), _content_type(file))
+    return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+
+
+def _files_of(web_dir: Path) -> dict[str, Path]:
+    """The URL path of every file directly in `web_dir` (no hidden ones); / is index.html."""
+    files = {f"/{file.name}": file for file in web_dir.iterdir()
+             if file.is_file() and not file.name.startswith(".")}
+    if "/index.html" in files:
+        files["/"] = files["/index.html"]
+    return files
+
+
+def _content_type(file: Path) -> str:
+    return mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+
+
+def _within_fd_limit(max_viewers: int) -> int:
+    """`max_viewers`, or fewer if this process may not open that many files (one a viewer)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    room = max(soft - FD_MARGIN, 1)
+    if soft == resource.RLIM_INFINITY or max_viewers <= room:
+        return max_viewers
+    log.warning("max_viewers=%d: the open-files limit (ulimit -n) is %d, so at most %d "
+                "viewers; raise the limit to allow more", max_viewers, soft, room)
+    return room
