@@ -4,17 +4,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import resource
+import socket
+import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import orjson
 import pytest
 from websockets.asyncio.client import connect as ws_connect
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ticker.server import TickerServer
+from ticker.control import Verifier
+from ticker.server import FD_MARGIN, TickerServer
 
-from .test_feed import shard
+from .test_feed import full_totals, shard
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @contextlib.asynccontextmanager
@@ -136,3 +146,319 @@ async def test_retained_totals_show_but_do_not_count_as_fresh():
             assert orjson.loads(await ws.recv())["gmv_cents"] == 100
             beat = orjson.loads(await asyncio.wait_for(ws.recv(), 3))
     assert beat["type"] == "heartbeat" and beat["upstream_age_ms"] is None
+
+
+# --- what the broker delivers: anything ------------------------------------------------------
+
+async def next_view(ws) -> dict:
+    """The next snapshot or update, skipping heartbeats (5 s at most)."""
+    async with asyncio.timeout(5):
+        while (frame := orjson.loads(await ws.recv()))["type"] not in ("snapshot", "update"):
+            pass
+    return frame
+
+
+async def test_malformed_totals_are_counted_and_the_feed_goes_on():
+    """A retained totals message with gmv_cents "lots", or any other garbage, is counted and
+    skipped: the screen keeps the last good totals and takes the next ones."""
+    async with serving() as (server, port):
+        server.receive_message("gmv/v1/totals/0", orjson.dumps(full_totals()), True)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert (await next_view(ws))["gmv_cents"] == 5000
+            bad = [orjson.dumps(full_totals(gmv_cents="lots")), b"", b"\xff", b"[]", b"null",
+                   b"{" * 10_000, orjson.dumps(full_totals(window=None))]
+            for payload in bad:
+                server.receive_message("gmv/v1/totals/0", payload, True)
+            await asyncio.sleep(0.1)
+            server.receive_message("gmv/v1/totals/0", orjson.dumps(full_totals(gmv_cents=6000)),
+                                   False)
+            async with asyncio.timeout(5):
+                while (await next_view(ws)).get("gmv_cents") != 6000:
+                    pass
+    assert server.feed.view["stats"]["ignored_totals"] == len(bad)
+
+
+def test_no_topic_or_payload_makes_receive_message_raise():
+    """receive_message returns for any topic and bytes, and only well-formed totals of an
+    expected shard reach the view."""
+    server = TickerServer()
+    for topic in ("", "/", "gmv/v1/totals/", "totals/0", "gmv/v1/replay", "gmv/v1/other",
+                  "gmv/v1/totals/replay", "gmv/v1/totals/0/extra", "\x00" * 70_000):
+        for payload in (b"", b"\x00" * 100_000, b'{"v": 1, "shard": "0"}', b"[" * 100_000,
+                        orjson.dumps(full_totals())):
+            server.receive_message(topic, payload, False)
+    server.feed.publish()
+    assert server.feed.view["gmv_cents"] == 5000  # from totals/0, the only good one
+
+
+async def test_fake_shard_is_ignored_and_named_to_viewers():
+    """Totals on totals/zz add nothing; the screen's stats name the shard, and the log names
+    it once."""
+    async with serving() as (server, port):
+        server.receive_message("gmv/v1/totals/0", orjson.dumps(full_totals()), False)
+        for _ in range(5):
+            server.receive_message("gmv/v1/totals/zz", orjson.dumps(
+                full_totals("zz", gmv_cents=10**14)), False)
+        await asyncio.sleep(0.1)
+        _, _, body = await asyncio.to_thread(http_get, port, "/api/totals")
+    view = orjson.loads(body)
+    assert view["gmv_cents"] == 5000 and view["stats"]["shards"] == 1
+    assert view["stats"]["unknown_shards"] == ["zz"]
+    assert view["stats"]["unknown_shard_messages"] == 5
+
+
+def test_shards_up_to_expected_shards_merge():
+    """With expected_shards=3, shards 0, 1 and 2 add up and shard 3 does not."""
+    server = TickerServer(expected_shards=3)
+    for name in "0123":
+        server.receive_message(f"gmv/v1/totals/{name}", orjson.dumps(full_totals(name)), False)
+    server.feed.publish()
+    assert server.feed.view["gmv_cents"] == 15_000 and server.feed.unknown_shards == ["3"]
+
+
+def test_expected_shards_and_max_viewers_must_be_positive():
+    """expected_shards=0 and max_viewers=0 are refused, naming the parameter and the value."""
+    with pytest.raises(ValueError, match="expected_shards=0: must be positive"):
+        TickerServer(expected_shards=0)
+    with pytest.raises(ValueError, match="max_viewers=0: must be positive"):
+        TickerServer(max_viewers=0)
+
+
+def test_refused_messages_are_logged_once_per_interval_with_a_count(caplog):
+    """A thousand malformed messages make one warning line, not a thousand; each unknown shard
+    is named once."""
+    server = TickerServer()
+    with caplog.at_level(logging.WARNING, logger="ticker.server"):
+        for i in range(1000):
+            server.receive_message("gmv/v1/totals/0", b'{"gmv_cents": "lots"}', True)
+            server.receive_message("gmv/v1/replay", b"nonsense", True)
+            server.receive_message(f"gmv/v1/totals/{'zz' if i % 2 else 'yy'}", b"{}", True)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 3, lines
+    assert "ignored 1 malformed message(s)" in lines[0]
+    assert all("Traceback" not in line for line in lines)
+    assert sorted(line.split("'")[1] for line in lines[1:]) == ["gmv/v1/totals/yy",
+                                                               "gmv/v1/totals/zz"]
+    assert server.feed.ignored_totals == server.feed.ignored_replay == 1000
+
+
+async def test_replay_status_is_shown_checked_and_cleared_by_an_empty_payload():
+    """A valid replay status reaches the page, a malformed one is ignored, and the empty
+    retained message that deletes it clears it."""
+    status = {"v": 1, "state": "paused", "speed": 60, "minute": 9, "scenario": "2020",
+              "loop": True}
+    async with serving() as (server, port):
+        server.receive_message("gmv/v1/totals/0", orjson.dumps(full_totals()), True)
+        server.receive_message("gmv/v1/replay", orjson.dumps(status), True)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert (await next_view(ws))["replay"]["state"] == "paused"
+            server.receive_message("gmv/v1/replay", orjson.dumps({**status, "state": 7}), True)
+            server.receive_message("gmv/v1/replay", b"", True)
+            async with asyncio.timeout(5):
+                while "replay" not in (update := await next_view(ws)):
+                    pass
+            assert update["replay"] is None
+    assert server.feed.view["stats"]["ignored_replay"] == 1
+
+
+# --- HTTP: methods and paths ------------------------------------------------------------------
+
+def raw_answer(port: int, request: bytes) -> bytes:
+    """Send bytes as they are; all the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer
+
+
+def raw_http(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send bytes as they are: the answer's status, headers and body."""
+    head, _, body = raw_answer(port, request).partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "TRACE", "POST", "OPTIONS", "PATCH"])
+async def test_methods_other_than_get_and_head_get_405(method):
+    """Every other method gets 405 with Allow: GET, HEAD, on the page and /api/totals alike."""
+    async with serving() as (_, port):
+        for path in ("/", "/app.js", "/api/totals", "/nope"):
+            status, headers, _ = await asyncio.to_thread(
+                raw_http, port, f"{method} {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            assert (status, headers["Allow"]) == (405, "GET, HEAD"), path
+
+
+async def test_head_answers_the_headers_of_get_without_a_body():
+    """HEAD gives the status and the Content-Length of the GET body, and no body."""
+    async with serving() as (_, port):
+        for path in ("/", "/style.css", "/api/totals", "/nope"):
+            get = await asyncio.to_thread(raw_http, port, f"GET {path} HTTP/1.1\r\n\r\n".encode())
+            head = await asyncio.to_thread(raw_http, port,
+                                           f"HEAD {path} HTTP/1.1\r\n\r\n".encode())
+            assert head[0] == get[0] and head[2] == b""
+            assert int(head[1]["Content-Length"]) == len(get[2]) > 0
+
+
+async def test_ws_with_another_method_never_reaches_the_handshake():
+    """POST or HEAD on /ws with the upgrade headers gets 405 (Allow: GET), not a websocket."""
+    upgrade = ("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+               "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+    async with serving() as (server, port):
+        for method in ("POST", "HEAD", "PUT"):
+            status, headers, _ = await asyncio.to_thread(
+                raw_http, port, f"{method} /ws HTTP/1.1\r\n{upgrade}".encode())
+            assert (status, headers["Allow"]) == (405, "GET")
+        assert server.viewers == 0
+
+
+@pytest.mark.parametrize("path", [b"/a\x00b", b"/%00", b"/index.html%00.js", b"/" + b"a" * 5000,
+                                  b"/" + b"a/" * 3000, b"/..", b"/../README.md", b"/web/app.js",
+                                  b"/%2e%2e%2fREADME.md", b"/app.js/", b"/a\\b", b"/\x01\x7f",
+                                  b"/%C3%A9", b"//etc/passwd", b"/.", b"/.git", b"*",
+                                  b"http://x/app.js", b"/" + b"x" * 9000])
+async def test_odd_paths_get_404_or_414_never_500_nor_a_traceback(path, caplog):
+    """NUL and control bytes, encoded NUL, long names, .., backslashes, directories: 404 (414
+    past websockets' 8 KiB line), and nothing logged as an error."""
+    async with serving() as (_, port):
+        with caplog.at_level(logging.INFO):
+            status, _, _ = await asyncio.to_thread(raw_http, port,
+                                                   b"GET " + path + b" HTTP/1.1\r\n\r\n")
+    assert status in (404, 414)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+async def test_a_non_ascii_request_line_is_closed_without_a_traceback(caplog):
+    """A raw non-ASCII path (browsers percent-encode) is dropped by websockets' parser: no
+    answer, no error logged, and the server still serves."""
+    async with serving() as (_, port):
+        with caplog.at_level(logging.INFO):
+            answer = await asyncio.to_thread(raw_answer, port, "GET /é HTTP/1.1\r\n\r\n".encode())
+            status, _, _ = await asyncio.to_thread(http_get, port, "/")
+    assert answer == b""
+    assert status == 200
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+# --- viewers: how many ------------------------------------------------------------------------
+
+async def test_past_max_viewers_a_websocket_gets_503_and_the_page_still_answers():
+    """With max_viewers=2 and two idle websockets open, a third gets 503 with Retry-After, the
+    page and /api/totals still answer, and a place frees when a viewer leaves."""
+    async with serving(max_viewers=2) as (server, port):
+        url = f"ws://127.0.0.1:{port}/ws"
+        async with ws_connect(url), ws_connect(url) as second:  # idle: never read
+            with pytest.raises(InvalidStatus) as refused:
+                async with ws_connect(url):
+                    pass
+            assert refused.value.response.status_code == 503
+            assert refused.value.response.headers["Retry-After"] == "10"
+            for path in ("/", "/api/totals"):
+                assert (await asyncio.to_thread(http_get, port, path))[0] == 200
+            await second.close()
+            async with asyncio.timeout(5):
+                while server.viewers > 1:
+                    await asyncio.sleep(0.01)
+            async with ws_connect(url) as third:
+                assert orjson.loads(await third.recv())["type"] == "snapshot"
+
+
+def test_max_viewers_above_the_open_files_limit_is_lowered_with_a_warning(caplog):
+    """max_viewers is cut to the open-files limit less a margin, and the log says so."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    with caplog.at_level(logging.WARNING, logger="ticker.server"):
+        server = TickerServer(max_viewers=soft + 1)
+    assert server.max_viewers == soft - FD_MARGIN
+    assert f"max_viewers={soft + 1}" in caplog.text and "ulimit -n" in caplog.text
+
+
+def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one():
+    """In a process started with `ulimit -Sn 256`, raise_fd_limit sets the soft limit to the
+    hard one and returns both."""
+    child = ("import resource; from ticker.server import raise_fd_limit; "
+             "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]; "
+             "print(before, *raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[1])")
+    out = subprocess.run(["bash", "-c", f'ulimit -Sn 256 && exec "$0" -c "{child}"',
+                          sys.executable], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    before, soft, hard, real_hard = map(int, out)
+    assert before == 256 and soft == hard == real_hard
+
+
+# --- operator commands from the page ----------------------------------------------------------
+
+TOKEN = "operator-token-for-tests"
+
+
+@contextlib.asynccontextmanager
+async def controlled():
+    """A server with control: what it forwards to the broker lands in `sent`."""
+    sent: list[bytes] = []
+
+    async def send_control(payload: bytes) -> None:
+        sent.append(payload)
+
+    async with serving(control_token=TOKEN, send_control=send_control) as (server, port):
+        server.receive_totals(shard("0", 100, 1, 0))
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await next_view(ws)
+            yield ws, sent
+
+
+async def command(ws, **fields) -> dict:
+    """Send a control frame and return its control_result."""
+    await ws.send(orjson.dumps({"type": "control", **fields}).decode())
+    async with asyncio.timeout(5):
+        while (frame := orjson.loads(await ws.recv()))["type"] != "control_result":
+            pass
+    return frame
+
+
+async def test_an_operator_command_goes_on_signed_and_without_the_token():
+    """pause, speed and seek with the right token are forwarded as signed commands that
+    verify with the token and do not contain it."""
+    async with controlled() as (ws, sent):
+        assert await command(ws, token=TOKEN, cmd="pause") == {
+            "type": "control_result", "ok": True, "cmd": "pause"}
+        assert (await command(ws, token=TOKEN, cmd="speed", speed=120))["ok"]
+        assert (await command(ws, token=TOKEN, cmd="seek", to="11-11 00:30"))["ok"]
+    verifier = Verifier(TOKEN)
+    assert [verifier.verify(p, time.time()).cmd for p in sent] == ["pause", "speed", "seek"]
+    assert not any(TOKEN.encode() in p or b"token" in p for p in sent)
+
+
+async def test_reset_is_refused_from_the_page():
+    """reset, even with the right token, is refused with a clear error and nothing is sent."""
+    async with controlled() as (ws, sent):
+        reply = await command(ws, token=TOKEN, cmd="reset")
+    assert reply == {"type": "control_result", "ok": False, "cmd": "reset",
+                     "error": "reset is not accepted from the page: only pause, resume, "
+                              "speed, seek"}
+    assert sent == []
+
+
+async def test_wrong_tokens_are_checked_about_once_a_second(caplog):
+    """Of 100 wrong tokens sent at once only the first few are checked, the rest (and the
+    right token meanwhile) refused unchecked; after a second the right token works again, and
+    the refusals made one log line."""
+    async with controlled() as (ws, sent):
+        with caplog.at_level(logging.WARNING, logger="ticker.server"):
+            for i in range(100):
+                await ws.send(orjson.dumps({"type": "control", "token": f"guess-{i}",
+                                            "cmd": "pause"}).decode())
+            errors: list[str] = []
+            async with asyncio.timeout(5):
+                while len(errors) < 100:
+                    frame = orjson.loads(await ws.recv())
+                    if frame["type"] == "control_result":
+                        errors.append(frame["error"])
+            locked = await command(ws, token=TOKEN, cmd="pause")
+        assert 5 <= errors.count("bad token") <= 6
+        assert sum(e.startswith("too many wrong tokens; retry in") for e in errors) >= 94
+        assert not locked["ok"] and locked["error"].startswith("too many wrong tokens")
+        await asyncio.sleep(1.1)
+        assert (await command(ws, token=TOKEN, cmd="pause"))["ok"]
+    assert len(sent) == 1
+    assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1

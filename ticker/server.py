@@ -8,6 +8,11 @@ a snapshot once it drains, so a slow viewer never grows a queue or slows the oth
 nothing new for a second, every viewer gets one shared `heartbeat` saying how long ago the
 server last heard from an aggregator, so a page can tell "connected but stale" from "live".
 (docs/performance.md: 5,000 viewers at 10 Hz; the per-viewer-task design took 3x the CPU.)
+
+Nothing a publisher or a client sends can raise out of here: MQTT messages are checked by the
+feed's schema, HTTP requests only ever match a fixed list of paths, viewers are capped at
+`max_viewers`, and an operator's command is checked, rate-limited on wrong tokens and sent on
+signed (docs/security.md).
 """
 
 from __future__ import annotations

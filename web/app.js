@@ -399,6 +399,13 @@ function renderCountries(countries) {
 function renderStats(st) {
   const parts = ['batches', 'rejected', 'duplicates', 'gaps', 'shards']
     .filter((k) => isInt(st[k])).map((k) => `${k} ${group(st[k])}`);
+  // What the server refused from the broker shows only when there is some.
+  const ignored = ['ignored_totals', 'ignored_replay'].filter((k) => isInt(st[k]))
+    .reduce((sum, k) => sum + st[k], 0);
+  if (ignored) parts.push(`ignored ${group(ignored)}`);
+  if (Array.isArray(st.unknown_shards) && st.unknown_shards.length) {
+    parts.push(`unknown shards ${st.unknown_shards.map(String).join(', ')}`);
+  }
   setText($('stats'), [`seq ${seq}`, ...parts].join('  ·  '));
 }
 
