@@ -16,7 +16,8 @@ are replayed as given, a minute left out has no GMV, and the window ends after t
 minute.
 
 Every problem raises CurveFileError with the message `PATH:LINE: reason`, lines counted from 1
-including the header; see docs/curves.md ("Your own curve").
+including the header (`PATH: reason` for a file that cannot be read at all); see docs/curves.md
+("Your own curve").
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from .history import Curve, Milestone, warp
 HEADERS = ("elapsed,cumulative_usd", "elapsed,cumulative_cents", "minute,gmv_cents")
 DEFAULT_START = datetime(2020, 11, 11, tzinfo=BEIJING)
 MAX_MINUTES = 60 * MINUTES_PER_DAY      # bounds the arrays a file can ask for
-MAX_CENTS = 2**62                       # what simulator.curve.allocate splits exactly
+MAX_CENTS = 2**53 - 1                   # the most the ticker shows exactly: a JS number
 USER_SPIKE = 40.0                       # midnight spike of the day shape between your rows
 
 _ELAPSED = re.compile(r"(?:(\d+) )?(\d+):(\d\d)(?::(\d\d))?")
@@ -52,7 +53,16 @@ class CurveFileError(ValueError):
 def read_curve(path: str | Path, *, start: datetime = DEFAULT_START,
                label: str | None = None) -> Curve:
     """Parse the curve file at `path`; its window starts at `start` (Beijing 11.11 00:00)."""
-    text = Path(path).read_text(encoding="utf-8-sig")
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CurveFileError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:  # exc.object: the bytes after a byte order mark
+        line = exc.object.count(b"\n", 0, exc.start) + 1
+        raise CurveFileError(f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x})"
+                             ": save the curve as UTF-8 CSV") from None
     return parse_curve(text, str(path), start=start, label=label)
 
 
@@ -66,7 +76,8 @@ def parse_curve(text: str, name: str = "<curve>", *, start: datetime = DEFAULT_S
     header_line, header = rows[0]
     header = header.replace(" ", "").lower()
     if header not in HEADERS:
-        raise CurveFileError(f"{name}:{header_line}: unknown header {rows[0][1]!r}: "
+        # At most 40 characters of it: a file that is not a curve may have no line breaks.
+        raise CurveFileError(f"{name}:{header_line}: unknown header {rows[0][1][:40]!r}: "
                              f"expected one of {HEADERS}")
     if len(rows) == 1:
         raise CurveFileError(f"{name}:{header_line}: no data rows after the header")

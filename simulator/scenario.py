@@ -25,6 +25,9 @@ from .history import Curve, curve, festival_years, festivals
 
 # RMB 100M, the "big brand" line of the 2020 release, written there as USD 15.11M (G01).
 BIG_BRAND_CENTS = 15_110_000_00
+# A minute's orders are generated at once: 50M take about 2.3 GB and 20 s. The busiest minute
+# of any festival at order scale 1 has 29.6M (2019, 00:00); a curve of your own may ask more.
+MAX_MINUTE_ORDERS = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,12 @@ class Scenario:
     def __post_init__(self) -> None:
         if not 0 < self.order_scale <= 1:
             raise ValueError(f"order_scale={self.order_scale}: must be in (0, 1]")
+        busiest = int(self.minute_orders.argmax())
+        if self.minute_orders[busiest] > MAX_MINUTE_ORDERS:
+            raise ValueError(f"{self.window.label}: minute {busiest} would have "
+                             f"{self.minute_orders[busiest]:,} orders at order scale "
+                             f"{self.order_scale:g}, more than {MAX_MINUTE_ORDERS:,}: "
+                             "lower the order scale")
 
     @property
     def window(self) -> Window:
@@ -74,7 +83,8 @@ class Scenario:
 
     @cached_property
     def minute_orders(self) -> np.ndarray:
-        """Orders per minute: GMV / AOV at the order scale, at least one, at most one a cent."""
+        """Orders per minute: GMV / AOV at the order scale, at least one in a minute with GMV,
+        at most one a cent."""
         n = np.floor(self.minute_gmv_cents / (self.aov_cents / self.order_scale))
         if self.peak is not None:
             n[self.peak.minute] = round(self.peak.profile().sum() * self.order_scale)
@@ -111,6 +121,9 @@ class Scenario:
         return np.concatenate(([0], np.cumsum(debuts)))
 
     def orders(self, minute: int) -> MinuteOrders:
+        if not self.minute_orders[minute]:  # no GMV: a gap or flat stretch of your own curve
+            empty = np.zeros(0, np.uint8)
+            return MinuteOrders(np.zeros(0, np.int64), np.zeros(0, np.uint32), empty, empty)
         rng = np.random.default_rng([self.seed, minute])
         start, stop = self._debut_bounds[minute], self._debut_bounds[minute + 1]
         return generate_minute(self.catalog, int(self.minute_gmv_cents[minute]),

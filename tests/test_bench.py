@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import numpy as np
 import orjson
 import pytest
@@ -13,6 +15,7 @@ from ticker.cli import main
 from ticker.wire import decode
 
 from .conftest import festival_limits
+from .test_security import mosquitto_with
 
 S2020 = scenario_for_year(2020, order_scale=1.0)
 
@@ -58,3 +61,17 @@ def test_bench_runs_and_its_counts_conserve(mosquitto, tmp_path, capsys):
     assert report["latency_aggregated_ms"]["count"] == 40
     out = capsys.readouterr().out
     assert "lost        0 orders; double counted 0" in out
+
+
+def test_bench_passes_its_login_to_every_process_it_starts(tmp_path, capsys):
+    """Through a broker that needs a password, the aggregator, server and producers log in."""
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(tmp_path / "passwd"), "bench", "secret"],
+                   check=True, capture_output=True, timeout=30)
+    (tmp_path / "password").write_text("secret\n")
+    with mosquitto_with(tmp_path, ["allow_anonymous false",
+                                   f"password_file {tmp_path / 'passwd'}"]) as port:
+        code = main(["bench", "--broker", f"mqtt://127.0.0.1:{port}", "--username", "bench",
+                     "--password-file", str(tmp_path / "password"), "--duration", "1",
+                     "--rate", "50000", "--batch-orders", "5000"])
+    assert code == 0
+    assert "aggregated  50,000 orders" in capsys.readouterr().out

@@ -131,3 +131,68 @@ def test_sigterm_stops_the_aggregator_cleanly_with_a_final_checkpoint(mosquitto,
     assert procs[0].returncode == 0 and "stopped" in err and "Traceback" not in err
     saved = checkpoint.load(path, festival_limits())
     assert saved.gmv_cents == scenario_for_year(2019).gmv_cents
+
+
+def run_gmv(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, float]:
+    """`gmv ARGS` as a process: exit code, stderr and seconds taken."""
+    start = time.monotonic()
+    done = subprocess.run(GMV + list(args), capture_output=True, text=True, timeout=60, env=env)
+    return done.returncode, done.stderr, time.monotonic() - start
+
+
+def assert_one_error_line(err: str, *parts: str) -> None:
+    assert err.count("\n") == 1 and err.startswith("gmv: error: "), err
+    assert "Traceback" not in err and all(part in err for part in parts), err
+
+
+@pytest.mark.parametrize("data, reason", [
+    (None, ": cannot read: No such file or directory"),
+    ("a directory", ": cannot read: Is a directory"),
+    (b"minute,gmv_cents\n# caf\xe9\n0,5\n", ":2: not UTF-8 text (byte 0xe9)"),
+    (b"\x89PNG\r\n\x1a\n\x00", ":1: not UTF-8 text (byte 0x89)"),
+], ids=["missing", "directory", "latin-1", "binary"])
+def test_replay_of_an_unreadable_curve_exits_2_with_one_line_naming_it(tmp_path, data, reason):
+    """`gmv replay X.csv` on a missing, directory, Latin-1 or binary X.csv: one line naming it."""
+    path = tmp_path / "festival.csv"
+    if data == "a directory":
+        path.mkdir()
+    elif data is not None:
+        path.write_bytes(data)
+    code, err, _ = run_gmv("replay", str(path))
+    assert code == 2
+    assert_one_error_line(err, f"{path}{reason}")
+
+
+@pytest.mark.parametrize("text, cents", [
+    ("elapsed,cumulative_usd\n24:00,0.05\n", 5),
+    ("minute,gmv_cents\n0,150000000\n3,7\n", 150_000_007),
+    ("elapsed,cumulative_cents\n01:00,500\n02:00,500\n03:00,900\n", 900),
+], ids=["five cents in a day", "minutes left out", "a flat hour"])
+def test_replay_of_a_curve_with_minutes_without_gmv_publishes_it_exactly(
+        mosquitto, topics, tmp_path, capsys, text, cents):
+    """A curve with minutes of no GMV replays them as no orders, and its total to the cent."""
+    path = tmp_path / "mine.csv"
+    path.write_text(text)
+    assert main(["replay", str(path), "--broker", mosquitto.url, "--prefix", topics.prefix,
+                 "--speed", "max", "--json"]) == 0
+    assert orjson.loads(capsys.readouterr().out)["gmv_cents"] == cents
+
+
+def test_bench_at_a_dead_broker_exits_1_at_once_naming_it():
+    """`gmv bench --broker` with nothing listening there: one line with the URL, in seconds."""
+    url = f"mqtt://127.0.0.1:{free_port()}"
+    code, err, seconds = run_gmv("bench", "--broker", url, "--duration", "1")
+    assert code == 1 and seconds < 5
+    assert_one_error_line(err, f"cannot connect to the MQTT broker at {url}")
+
+
+def test_bench_whose_own_mosquitto_exits_at_start_says_why_in_one_line(tmp_path):
+    """A Mosquitto that exits at start (a broken install) ends the bench with its own words."""
+    broken = tmp_path / "mosquitto"
+    broken.write_text("#!/bin/sh\necho 'Error: Unable to open config file.' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    code, err, seconds = run_gmv("bench", "--duration", "1", env=env)
+    assert code == 2 and seconds < 5
+    assert_one_error_line(
+        err, "the bench's Mosquitto exited with code 3: Error: Unable to open config file.")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 import numpy as np
 import pytest
 
 from simulator.curve_csv import CurveFileError, parse_curve, read_curve
+from simulator.scenario import scenario_for_year
 from ticker.dimensions import BEIJING
 
 
@@ -87,6 +89,8 @@ ERRORS = [
     ("minute,gmv_cents\n0,5\n86400,5\n", 3, "minute 86400 out of range"),
     ("minute,gmv_cents\n1.5,5\n", 2, "is not a whole number"),
     ("minute,gmv_cents\n7,5\n0,1\n7,6\n", 4, "minute 7 already given on line 2"),
+    ("minute,gmv_cents\n0,9007199254740992\n", 2, "too large (max 9007199254740991 cents)"),
+    ("minute,gmv_cents\n0,9007199254740991\n1,1\n", 3, "total too large"),
 ]
 
 
@@ -100,3 +104,47 @@ def test_malformed_file_names_path_and_line(tmp_path, text, line, reason):
     assert str(err.value).startswith(f"{path}:{line}: ")
     assert reason in str(err.value)
     assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize(("data", "line", "byte"), [
+    (b"minute,gmv_cents\n# caf\xe9 au lait\n0,5\n", 2, "0xe9"),
+    ("\ufeff# BOM\nminute,gmv_cents\n".encode() + b"0,\xff\n", 3, "0xff"),
+    (b"\x89PNG\r\n\x1a\n\x00\x00", 1, "0x89"),
+], ids=["latin-1", "after a byte order mark", "binary"])
+def test_file_that_is_not_utf8_names_its_line(tmp_path, data, line, byte):
+    """A Latin-1 or binary file raises 'PATH:LINE: not UTF-8 text' at the first bad byte."""
+    path = tmp_path / "my.csv"
+    path.write_bytes(data)
+    with pytest.raises(CurveFileError, match="save the curve as UTF-8") as err:
+        read_curve(path)
+    assert str(err.value).startswith(f"{path}:{line}: not UTF-8 text (byte {byte})")
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda path: None, "No such file or directory"),
+    (lambda path: path.mkdir(), "Is a directory"),
+], ids=["missing", "directory"])
+def test_file_that_cannot_be_read_names_path_and_reason(tmp_path, make, reason):
+    """A missing file or a directory raises 'PATH: cannot read: REASON'."""
+    path = tmp_path / "my.csv"
+    make(path)
+    with pytest.raises(CurveFileError) as err:
+        read_curve(path)
+    assert str(err.value) == f"{path}: cannot read: {reason}"
+
+
+def test_unknown_header_shows_only_its_start():
+    """A file with no line breaks that is not a curve gets a short message, not all of it."""
+    with pytest.raises(CurveFileError, match="unknown header") as err:
+        parse_curve("\x00" * 100_000)
+    assert len(str(err.value)) < 400
+
+
+def test_curve_too_big_for_a_minute_is_refused_up_front_at_its_order_scale(tmp_path):
+    """A curve whose busiest minute would need more than 50M orders names it and the way out."""
+    c = read_curve(write(tmp_path, "minute,gmv_cents\n0,1\n1,900000000000000\n"))
+    with pytest.raises(ValueError, match=r"^curve from my.csv: minute 1 would have [\d,]+ orders "
+                                         "at order scale 0.001, more than 50,000,000: lower "):
+        dataclasses.replace(scenario_for_year(2020), curve=c, peak=None)
+    assert dataclasses.replace(scenario_for_year(2020), curve=c, peak=None,
+                               order_scale=0.0001).minute_orders[1] < 50_000_000

@@ -34,7 +34,7 @@ from simulator.loadgen import build_pool, deadlines, festival_rates
 from simulator.scenario import scenario_for_year
 
 from .errors import ConfigError
-from .mqtt import BrokerSettings, ReliablePublisher, Topics, watch_totals
+from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
 
 BUSY_MINUTE = 15_120  # Nov 11 12:00: hundreds of thousands of orders at order scale 1
 TICKS = 1_000_000
@@ -117,10 +117,10 @@ async def _produce_async(index: int, a: dict, go, results) -> None:
     pool = build_pool(scenario, BUSY_MINUTE, a["batch_orders"], 16,
                       binary=a["encoding"] == "binary", producer=producer)
     due = np.load(a["schedule"])[index::a["producers"]]
-    broker, topics = BrokerSettings(a["host"], a["port"]), Topics(a["prefix"])
+    topics = Topics(a["prefix"])
     sent = orders = gmv = size = 0
     lateness = 0.0
-    async with ReliablePublisher(broker, max_inflight=a["inflight"]) as publisher:
+    async with ReliablePublisher(a["broker"], max_inflight=a["inflight"]) as publisher:
         results.put(("ready", index, None))
         await asyncio.to_thread(go.wait)  # every producer starts on the same signal
         t0, cpu0 = time.monotonic(), time.process_time()
@@ -159,6 +159,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Child:
+    """A process the bench starts; its stderr goes to a file, to explain an early exit."""
+
+    name: str
+    proc: subprocess.Popen
+    log: Path
+
+    @classmethod
+    def start(cls, name: str, logs: Path, argv: list[str], env: dict | None = None) -> Child:
+        log = logs / f"{name}.log"
+        with log.open("wb") as stderr:
+            return cls(name, subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=stderr,
+                                              env=env), log)
+
+    def check(self) -> None:
+        """Raise one line with the child's own last words if it has exited."""
+        if self.proc.poll() is not None:
+            said = self.log.read_text(errors="replace").strip().splitlines() or ["no message"]
+            raise ConfigError(f"the bench's {self.name} exited with code "
+                              f"{self.proc.returncode}: {said[-1].removeprefix('gmv: error: ')}")
+
+
 @contextlib.contextmanager
 def _own_mosquitto():
     """A Mosquitto of the bench's own on a free port, sized for a load test."""
@@ -173,21 +196,12 @@ def _own_mosquitto():
         # so unapplied batches wait in the broker, not in the aggregator's memory.
         conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
                         "max_queued_messages 0\nmax_inflight_messages 32\nlog_dest none\n")
-        proc = subprocess.Popen([binary, "-c", str(conf)])
+        mosquitto = Child.start("Mosquitto", Path(tmp), [binary, "-c", str(conf)])
         try:
-            for _ in range(100):
-                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
-                    break
-                time.sleep(0.05)
-            yield BrokerSettings("127.0.0.1", port), proc.pid
+            yield mosquitto, port
         finally:
-            proc.terminate()
-            proc.wait(10)
-
-
-def _spawn(*argv: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "ticker.cli", *argv],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            mosquitto.proc.terminate()
+            mosquitto.proc.wait(10)
 
 
 async def run_bench(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
@@ -195,7 +209,11 @@ async def run_bench(args: argparse.Namespace, broker: BrokerSettings | None) -> 
     with stack:
         broker_pid = args.broker_pid
         if broker is None:
-            broker, broker_pid = stack.enter_context(_own_mosquitto())
+            mosquitto, port = stack.enter_context(_own_mosquitto())
+            await _wait_for_port(mosquitto, port)
+            broker, broker_pid = BrokerSettings("127.0.0.1", port), mosquitto.proc.pid
+        async with connect(broker):  # a dead broker: one line naming it, before any process
+            pass
         report = await _run(args, broker, broker_pid, stack)
     _print(report)
     if args.json:
@@ -218,15 +236,21 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
     schedule = Path(tmp) / "schedule.npy"
     np.save(schedule, due)
     report = Report(settings={k: v for k, v in vars(args).items() if k != "func"})
-    common = ["--broker", broker.url, "--prefix", topics.prefix]
+    # The bench's login and CA go to its aggregator and server too; the password through
+    # the environment, as a command line shows in ps.
+    gmv = [sys.executable, "-m", "ticker.cli"]
+    common = ["--broker", broker.url, "--prefix", topics.prefix,
+              *(["--username", broker.username] if broker.username else []),
+              *(["--ca-file", broker.ca_file] if broker.ca_file else [])]
+    env = {**os.environ, "GMV_MQTT_PASSWORD": broker.password} if broker.password else None
     port = free_port()
-    aggregator = _spawn("aggregate", *common)
-    server = _spawn("serve", *common, "--port", str(port))
-    for proc in (aggregator, server):
-        stack.callback(proc.wait, 10)
-        stack.callback(proc.terminate)
-    procs = {"aggregator": Proc("aggregator", aggregator.pid),
-             "server": Proc("server", server.pid), "bench": Proc("bench", os.getpid())}
+    aggregator = Child.start("aggregator", Path(tmp), [*gmv, "aggregate", *common], env)
+    server = Child.start("server", Path(tmp), [*gmv, "serve", *common, "--port", str(port)], env)
+    for child in (aggregator, server):
+        stack.callback(child.proc.wait, 10)
+        stack.callback(child.proc.terminate)
+    procs = {"aggregator": Proc("aggregator", aggregator.proc.pid),
+             "server": Proc("server", server.proc.pid), "bench": Proc("bench", os.getpid())}
     if broker_pid:
         procs["broker"] = Proc("broker", broker_pid)
 
@@ -239,15 +263,16 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
 
     watcher = asyncio.create_task(watch_totals(broker, topics, note_totals, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
-    await _wait_for_port(port)
+    await _wait_for_port(server, port)
     await asyncio.sleep(1.0)  # the aggregator subscribes
+    aggregator.check()
     frames: list[float] = []
     viewer = asyncio.create_task(_view(port, frames))
     report.aggregator_rss_mb["start"] = procs["aggregator"].rss_mb()
 
     ctx = multiprocessing.get_context("spawn")  # no copy of this process's event loop
     results, go = ctx.Queue(), ctx.Event()
-    shared = dict(run=run, host=broker.host, port=broker.port, prefix=topics.prefix,
+    shared = dict(run=run, broker=broker, prefix=topics.prefix,
                   schedule=str(schedule), producers=args.producers, qos=args.qos,
                   batch_orders=args.batch_orders, encoding=args.encoding,
                   seconds=max(seconds, 1), window_minutes=15_840, inflight=args.inflight)
@@ -316,14 +341,15 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
     return report
 
 
-async def _wait_for_port(port: int) -> None:
+async def _wait_for_port(child: Child, port: int) -> None:
     for _ in range(200):
+        child.check()
         with contextlib.suppress(OSError):
             _, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.close()
             return
         await asyncio.sleep(0.05)
-    raise ConfigError("the ticker server did not start")
+    raise ConfigError(f"the bench's {child.name} is not listening on port {port} after 10 s")
 
 
 async def _view(port: int, frames: list[float]) -> None:
