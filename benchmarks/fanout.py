@@ -111,7 +111,6 @@ def _variant_class(name: str):
             broadcast(connections, frame, text=True)
 
         async def _viewer(self, ws) -> None:
-            self.viewers += 1
             try:
                 seq, frame = self.feed.seq, self.feed.snapshot_frame
                 await ws.send(frame, text=True)
@@ -122,7 +121,6 @@ def _variant_class(name: str):
                 pass
             finally:
                 self._sent.pop(ws, None)
-                self.viewers -= 1
 
     class BroadcastTickerServer(_OnePassServer):
         pass

@@ -4,11 +4,13 @@ Minute m is published when the `PlaybackClock` says it is due: an absolute sched
 time spent generating and publishing never accumulates as drift, and pause, speed and seek
 only move the clock's anchor. Minutes behind the clock (after `--from` or a forward seek)
 are published at once, so the totals at any point equal the festival's to that point. A
-backward seek or a new loop first asks the aggregators to reset, then replays from the
-start under a new producer epoch, so nothing is counted twice.
+backward seek or a new loop waits until the aggregators have applied everything, asks them
+to reset, then replays from the start with the sequence continuing, so nothing is counted
+twice.
 
 Publishing goes through a `ReliablePublisher`, which pipelines QoS 1 messages and re-sends
-whatever a lost connection left unacknowledged.
+whatever a lost connection left unacknowledged, and, given a `FlowControl`, never runs more
+than its window ahead of what the aggregators have applied; each pass ends with a verdict.
 """
 
 from __future__ import annotations
@@ -23,11 +25,12 @@ from typing import Protocol
 
 import orjson
 
-from ticker.control import Command, ControlError, minute_of
+from ticker.control import Command, ControlError, minute_of, sign
 from ticker.dimensions import Window
 from ticker.mqtt import ReliablePublisher, Topics
 from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
+from .flow import FlowControl, Verdict
 from .playback import PlaybackClock
 from .scenario import Scenario
 
@@ -82,6 +85,7 @@ class PublishReport:
     chatbot_queries: int = 0
     resets: int = 0
     seconds: float = 0.0
+    verdict: Verdict | None = None  # with flow control: what the aggregators applied
 
 
 class Replay:
@@ -90,32 +94,37 @@ class Replay:
     def __init__(self, publisher: ReliablePublisher, source: Source, topics: Topics, *,
                  producer: str, speed: float | None, from_minute: int = 0,
                  last_minute: int | None = None, loop: bool = False, binary: bool = True,
-                 control_token: str | None = None,
+                 control_token: str | None = None, flow: FlowControl | None = None,
+                 drain_timeout: float = 60.0, say: Callable[[str], None] = print,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        """`flow`: keep within its window of what the aggregators applied, and give each pass
+        a verdict, waiting at most `drain_timeout` s of silence for the last acks."""
         self.publisher, self.source, self.topics = publisher, source, topics
-        self.base_producer, self.binary, self.loop = producer, binary, loop
-        self.control_token = control_token
+        self.producer, self.binary, self.loop = producer, binary, loop
+        self.control_token, self.flow, self.drain_timeout = control_token, flow, drain_timeout
+        self.say = say
         self.last = source.window.minutes - 1 if last_minute is None else last_minute
         self._now = clock
         self.clock = PlaybackClock(clock(), speed=speed, minute=from_minute)
         self.report = PublishReport(producer)
         self.next_minute = 0
-        self.epoch = 0
-        self._seq = {"orders": 0, "chatbot": 0}  # each stream has its own sequence
+        self.seq = 0  # the next message's sequence number (batches and chatbot counts)
+        self._restart_to: int | None = None  # a seek back, for the publishing loop to do
         self._changed = asyncio.Event()
         self._state = "playing"
         self._status_sent: tuple[object, ...] = ()
         self._status_at = -1e9
 
-    @property
-    def producer(self) -> str:
-        return self.base_producer if self.epoch == 0 else f"{self.base_producer}-e{self.epoch}"
-
     async def run(self, progress: Callable[[PublishReport], None] | None = None) \
             -> PublishReport:
+        if self.flow is not None:
+            self.seq = await self.flow.start()
         start = self._now()
         await self._status()
         while True:
+            if self._restart_to is not None:
+                target, self._restart_to = self._restart_to, None
+                await self._restart(target)
             if self.next_minute > self.last:
                 if not self.loop:
                     break
@@ -128,12 +137,22 @@ class Replay:
             self.next_minute += 1
             if progress is not None:
                 progress(self.report)
-        await self._announce()
-        await self.publisher.flush()
+        await self._end_pass()
         self._state = "done"
         await self._status()
         self.report.seconds = self._now() - start
         return self.report
+
+    async def _end_pass(self) -> None:
+        """Announce where the sequence ended; with flow control, wait for the aggregators to
+        apply it all and judge the pass."""
+        await self._announce()
+        await self.publisher.flush()
+        if self.flow is None:
+            return
+        await self.flow.drain(self.seq, self.drain_timeout)
+        self.report.verdict = self.flow.verdict(self.seq, self.report.orders,
+                                                self.report.gmv_cents)
 
     async def _wait(self, seconds: float) -> None:
         self._changed.clear()
@@ -146,15 +165,17 @@ class Replay:
 
     async def _publish_minute(self, minute: int) -> None:
         for message in self.source.messages(minute):
-            stream = "chatbot" if isinstance(message, ChatbotCount) else "orders"
-            message = dataclasses.replace(message, producer=self.producer,
-                                          seq=self._seq[stream])
-            self._seq[stream] += 1
+            if self.flow is not None:
+                await self.flow.room(self.seq)
+            message = dataclasses.replace(message, producer=self.producer, seq=self.seq)
+            self.seq += 1
             if isinstance(message, ChatbotCount):
-                await self.publisher.send(self.topics.chatbot(0), encode_chatbot(message))
+                await self.publisher.send(self.topics.chatbot(self.producer),
+                                          encode_chatbot(message))
                 self.report.chatbot_queries += message.queries
                 continue
-            await self.publisher.send(self.topics.orders(0), encode(message, binary=self.binary))
+            await self.publisher.send(self.topics.orders(self.producer),
+                                      encode(message, binary=self.binary))
             self.report.gmv_cents += message.gmv_cents
             self.report.orders += len(message)
             self.report.batches += 1
@@ -165,24 +186,28 @@ class Replay:
         Retained: if the broker dropped the tail for a full queue, a later (re)subscription
         still gets this and reports the missing batches as gaps."""
         await self.publisher.send(self.topics.producer(self.producer), orjson.dumps(
-            {"v": 1, "producer": self.producer, "last_seq": self._seq["orders"] - 1,
-             "chatbot_last_seq": self._seq["chatbot"] - 1,
+            {"v": 1, "producer": self.producer, "last_seq": self.seq - 1,
              "batches": self.report.batches, "orders": self.report.orders,
              "gmv_cents": self.report.gmv_cents}), retain=True)
 
     async def _restart(self, target: int) -> None:
         """Reset the aggregators and replay from the start, fast, up to `target`."""
-        await self._announce()
-        await self.publisher.flush()
-        if self.control_token is not None:
+        await self._end_pass()
+        if self.report.verdict is not None:
+            self.say(f"pass {self.report.resets + 1} {self.report.verdict.line()}")
+
+        async def send_reset() -> None:
+            assert self.control_token is not None
             await self.publisher.send(self.topics.control,
-                                      Command("reset").encode(self.control_token))
+                                      sign(Command("reset"), self.control_token, now=time.time()))
             await self.publisher.flush()
-        self.epoch += 1
-        self._seq = {"orders": 0, "chatbot": 0}
+
+        if self.flow is not None:
+            await self.flow.reset(send_reset)
+        else:
+            await send_reset()
         self.next_minute = 0
-        self.report = dataclasses.replace(PublishReport(self.producer),
-                                          resets=self.report.resets + 1)
+        self.report = PublishReport(self.producer, resets=self.report.resets + 1)
         self.clock.seek(target, self._now())
 
     async def control(self, command: Command) -> None:
@@ -203,7 +228,7 @@ class Replay:
             if target < self.next_minute:
                 if self.control_token is None:
                     raise ControlError("seeking back needs a control token to reset totals")
-                await self._restart(target)
+                self._restart_to = target  # done by the publishing loop, between minutes
             else:
                 self.clock.seek(target, now)
         self._changed.set()
@@ -227,11 +252,11 @@ class Replay:
 async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, topics: Topics,
                            *, producer: str, speed: float | None, batch_orders: int = 10_000,
                            binary: bool = True, from_minute: int = 0,
-                           last_minute: int | None = None,
+                           last_minute: int | None = None, flow: FlowControl | None = None,
                            progress: Callable[[PublishReport], None] | None = None,
                            ) -> PublishReport:
     """Publish `scenario` once, from its start, at `speed` (None: as fast as possible)."""
     replay = Replay(publisher, ScenarioSource(scenario, batch_orders), topics,
                     producer=producer, speed=speed, from_minute=from_minute,
-                    last_minute=last_minute, binary=binary)
+                    last_minute=last_minute, binary=binary, flow=flow)
     return await replay.run(progress)

@@ -20,6 +20,8 @@ from ticker.dimensions import Window
 from ticker.state import Watermarks
 from ticker.wire import BatchError, ChatbotCount, Limits, OrderBatch, decode, decode_chatbot
 
+from .curve_csv import MAX_MINUTES
+
 MAGIC = b"GMVREC1\n"
 _RECORD = struct.Struct("<BI")
 ORDERS, CHATBOT = 0, 1
@@ -37,7 +39,7 @@ def _limits(window: Window, n_brands: int) -> Limits:
 class RecordingWriter:
     def __init__(self, file: BinaryIO, window: Window, n_brands: int) -> None:
         self.file, self.limits = file, _limits(window, n_brands)
-        self.seen = Watermarks()
+        self.seen = Watermarks(self.limits)
         self.messages = self.orders = self.gmv_cents = self.skipped = 0
         file.write(MAGIC + orjson.dumps({"window": window.as_dict(), "n_brands": n_brands})
                    + b"\n")
@@ -47,14 +49,13 @@ class RecordingWriter:
         try:
             message = decode_chatbot(payload, self.limits) if kind == CHATBOT \
                 else decode(payload, self.limits)
+            if self.seen.seen(message.producer, message.seq):
+                raise BatchError("duplicate", "")
+            self.seen.admit(message.producer, message.seq)
         except BatchError:
             self.skipped += 1
             return False
-        key = f"{message.producer}#chatbot" if kind == CHATBOT else message.producer
-        if self.seen.seen(key, message.seq):
-            self.skipped += 1
-            return False
-        self.seen.mark(key, message.seq)
+        self.seen.mark(message.producer, message.seq)
         self.file.write(_RECORD.pack(kind, len(payload)) + payload)
         self.messages += 1
         if isinstance(message, OrderBatch):
@@ -74,12 +75,16 @@ class RecordingSource:
             raise RecordingError(f"{path}: {exc.strerror}") from None
         if not data.startswith(MAGIC):
             raise RecordingError(f"{path}: not a gmv recording (no {MAGIC[:-1].decode()} line)")
-        end = data.index(b"\n", len(MAGIC))
+        end = data.find(b"\n", len(MAGIC))
         try:
+            if end < 0:
+                raise ValueError("the file ends inside it")
             header = orjson.loads(data[len(MAGIC):end])
             w = header["window"]
             self.window = Window(datetime.fromisoformat(w["start"]), int(w["minutes"]),
                                  str(w["label"]))
+            if not 0 < self.window.minutes <= MAX_MINUTES:
+                raise ValueError(f"window of {self.window.minutes} minutes, at most {MAX_MINUTES}")
             limits = _limits(self.window, int(header["n_brands"]))
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise RecordingError(f"{path}: bad header ({exc})") from None

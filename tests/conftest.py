@@ -63,6 +63,15 @@ def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrokerSettin
         proc.wait(10)
 
 
+@pytest.fixture(autouse=True)
+def state_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Aggregators started by a test (in process or as `gmv aggregate`) keep their default
+    checkpoints here, never in the real ~/.local/state."""
+    directory = tmp_path_factory.mktemp("state")
+    monkeypatch.setenv("GMV_STATE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture
 def topics() -> Topics:
     """A topic prefix no other test uses, so tests never see each other's messages."""

@@ -4,6 +4,7 @@ recordings, and the absolute schedule."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
+from simulator.flow import FlowControl, usd
 from simulator.publisher import Replay, ScenarioSource
 from simulator.scenario import scenario_for_year
 from ticker.control import Command
@@ -68,9 +70,10 @@ async def test_seek_forward_publishes_the_skipped_minutes_at_once(mosquitto, top
 async def test_seek_back_resets_the_aggregator_and_replays_exactly_to_there(mosquitto, topics):
     """Seeking back to 01:00 resets the totals and brings them to the 01:00 figure, not double."""
     async with running_pipeline(mosquitto, topics, control_token=TOKEN) as pipeline, \
-            ReliablePublisher(mosquitto) as publisher:
+            ReliablePublisher(mosquitto) as publisher, \
+            FlowControl(mosquitto, topics, "back") as flow:
         replay = Replay(publisher, ScenarioSource(S2019), topics, producer="back", speed=60,
-                        from_minute=600, control_token=TOKEN)
+                        from_minute=600, control_token=TOKEN, flow=flow)
         task = asyncio.create_task(replay.run())
         await watch_until(pipeline.port, lambda v: v["gmv_cents"] >= cumulative(S2019, 600))
         await replay.control(Command("seek", to="11-11 01:00"))
@@ -79,23 +82,30 @@ async def test_seek_back_resets_the_aggregator_and_replays_exactly_to_there(mosq
         shown = await watch_until(pipeline.port, lambda v: v["gmv_cents"] == target
                                   or v["gmv_cents"] == cumulative(S2019, 61), timeout=30)
         task.cancel()
-    assert pipeline.aggregator.resets == 1 and replay.epoch == 1
+    assert pipeline.state.resets == 1 and replay.report.resets == 1
     assert shown["stats"]["duplicates"] == 0
 
 
 async def test_loop_starts_again_from_zero(mosquitto, topics):
     """With loop on, the end resets the totals and the festival plays again."""
     async with running_pipeline(mosquitto, topics, control_token=TOKEN) as pipeline, \
-            ReliablePublisher(mosquitto) as publisher:
+            ReliablePublisher(mosquitto) as publisher, \
+            FlowControl(mosquitto, topics, "loop") as flow:
+        said: list[str] = []
         replay = Replay(publisher, ScenarioSource(S2019), topics, producer="loop", speed=None,
-                        loop=True, control_token=TOKEN)
+                        loop=True, control_token=TOKEN, flow=flow, say=said.append)
         task = asyncio.create_task(replay.run())
         async with asyncio.timeout(60):
-            while pipeline.aggregator.resets < 2:
+            while replay.report.resets < 2:
                 await asyncio.sleep(0.05)
         task.cancel()
         assert replay.report.resets >= 2
         assert pipeline.state.gmv_cents <= S2019.gmv_cents  # never two rounds added up
+    # Each pass ended exact before the reset, with the sequence going on (no duplicates).
+    orders, cents = f"{int(S2019.minute_orders.sum()):,} orders", usd(S2019.gmv_cents)
+    assert said[:2] == [f"pass {n} verdict: exact: published {orders}, {cents}; aggregators "
+                        f"applied {orders}, {cents}" for n in (1, 2)]
+    assert pipeline.state.duplicates == 0
 
 
 async def test_replay_ends_on_its_absolute_schedule_despite_a_pause(mosquitto, topics):
@@ -132,10 +142,16 @@ def test_record_then_replay_the_file_gives_the_same_totals(mosquitto, topics, tm
     recorder = subprocess.Popen([sys.executable, "-m", "ticker.cli", "record", str(recording),
                                  *broker, "--scenario", "2019", "--idle-exit", "3"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(1.5)  # let it subscribe
-    out = subprocess.run([sys.executable, "-m", "ticker.cli", "simulate", *broker,
-                          "--scenario", "2019", "--order-scale", "0.0001", "--json"],
-                         capture_output=True, text=True, timeout=60)
+    live = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+                             "--scenario", "2019"])  # a replay publishes only to a live one
+    time.sleep(1.5)  # let them subscribe
+    try:
+        out = subprocess.run([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+                              "--scenario", "2019", "--order-scale", "0.0001", "--json"],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        live.terminate()
+        live.wait(10)
     published = orjson.loads(out.stdout)
     recorded, _ = recorder.communicate(timeout=30)
     assert f"({published['gmv_cents']} cents)" in recorded
@@ -166,18 +182,24 @@ def test_record_then_replay_the_file_gives_the_same_totals(mosquitto, topics, tm
 
 def test_seek_and_speed_from_the_command_line(mosquitto, topics):
     """`gmv control` moves a running `gmv simulate`: a seek to the end finishes it at once."""
-    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix, "--control-token", TOKEN]
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
+    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+                                   "--scenario", "2019"], env=env)
     sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
                             "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1",
-                            "--json"], stdout=subprocess.PIPE, text=True)
+                            "--json"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         time.sleep(2.0)
         for argv in (["speed", "max"], ["seek", "11-11 23:59"]):
             done = subprocess.run([sys.executable, "-m", "ticker.cli", "control", *argv, *broker],
-                                  capture_output=True, text=True, timeout=30)
+                                  capture_output=True, text=True, timeout=30, env=env)
             assert done.returncode == 0, done.stderr
         out, _ = sim.communicate(timeout=60)
     finally:
         sim.kill()
-    assert orjson.loads(out)["gmv_cents"] == S2019.gmv_cents
+        aggregator.terminate()
+        aggregator.wait(10)
+    report = orjson.loads(out)
+    assert report["gmv_cents"] == S2019.gmv_cents and report["verdict"]["exact"]
     assert np.int64(S2019.gmv_cents) > 0

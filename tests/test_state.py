@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ticker.state import AggregateState, Watermarks
-from ticker.wire import BatchError, Limits, OrderBatch, decode, encode
+from ticker.wire import MAX_SEQ, MAX_TOTAL, BatchError, Limits, OrderBatch, decode, encode
 
 LIMITS = Limits(n_brands=5, n_minutes=10, n_countries=3, n_platforms=2)
 
@@ -44,7 +48,7 @@ def test_snapshot_reports_totals_and_active_brands():
     assert snap["gmv_cents"] == 23 and snap["orders"] == 3
     assert snap["brands_active"] == 2
     assert snap["minute"] == 2 and snap["gmv_minute_cents"] == 12
-    assert snap["batches"] == 2 and snap["producers"] == {"p": 2}
+    assert snap["batches"] == 2 and snap["producers"] == 1
 
 
 def test_empty_state_snapshot_has_no_minute():
@@ -84,11 +88,11 @@ def test_missing_seq_is_reported_as_gap_until_it_arrives():
 
 def test_watermarks_advance_over_out_of_order_arrivals():
     """Seqs arriving 2, 0, 1 leave the watermark at 3 with nothing pending."""
-    marks = Watermarks()
+    marks = Watermarks(LIMITS)
     for seq in (2, 0, 1):
         assert not marks.seen("p", seq)
         marks.mark("p", seq)
-    assert marks.as_dict() == {"p": 3} and marks.gaps == 0
+    assert marks.get("p").next_seq == 3 and marks.get("p").starts == [] and marks.gaps == 0
     assert marks.seen("p", 1) and not marks.seen("p", 3)
 
 
@@ -116,6 +120,132 @@ def test_memory_is_bounded_by_dimensions_not_orders():
                                rng.integers(0, 3, n).astype(np.uint8)))
     after = sum(a.nbytes for a in vars(state).values() if isinstance(a, np.ndarray))
     assert state.orders == 1_000_000 and sizes == after == (2 * 1000 + 2 * 60 + 24 + 6) * 8 + 1000
+
+
+# --- bounds: nothing a producer sends grows the state without limit or overflows a total -----
+
+def test_seq_jump_beyond_the_window_is_rejected_not_counted_as_gaps():
+    """One batch with seq 10**15 is refused (seq_jump): the screen never shows 10**15 gaps."""
+    state = AggregateState(LIMITS)
+    state.apply(batch(0, 0, [1], [0]))
+    with pytest.raises(BatchError) as caught:
+        state.apply(batch(10**15, 0, [1], [0]))
+    assert caught.value.reason == "seq_jump"
+    assert state.watermarks.gaps == 0 and state.gmv_cents == 1
+    assert state.apply(batch(LIMITS.max_seq_jump, 0, [1], [0]))  # the edge of the window fits
+
+
+def test_three_producers_at_the_largest_seq_cannot_overflow_the_gap_count():
+    """The old crash: three producers at seq 2^63-1. The codec refuses it; at the codec's own
+    bound the state refuses the jump, so the totals still serialise."""
+    state = AggregateState(LIMITS)
+    for producer in "abc":
+        with pytest.raises(BatchError) as caught:
+            decode(encode(batch(2**63 - 1, 0, [1], [0], producer=producer)), LIMITS)
+        assert caught.value.reason == "out_of_range"
+        with pytest.raises(BatchError):
+            state.apply(batch(MAX_SEQ, 0, [1], [0], producer=producer))
+    assert orjson.loads(orjson.dumps(state.snapshot()))["gaps"] == 0
+
+
+def test_producers_past_max_producers_are_rejected_and_known_ones_still_apply():
+    """The producer table is bounded; a known producer is never refused for it."""
+    state = AggregateState(dataclasses.replace(LIMITS, max_producers=3))
+    for producer in "abc":
+        state.apply(batch(0, 0, [1], [0], producer=producer))
+    with pytest.raises(BatchError) as caught:
+        state.apply(batch(0, 0, [1], [0], producer="d"))
+    assert caught.value.reason == "too_many_producers" and "max_producers=3" in str(caught.value)
+    assert state.apply(batch(1, 0, [1], [0], producer="a"))
+    assert len(state.watermarks.producers) == 3 and state.gmv_cents == 4
+
+
+def test_holes_per_producer_are_bounded_and_filling_one_is_always_allowed():
+    """Every other seq opens a hole; past max_seq_holes a new hole is refused, not stored."""
+    state = AggregateState(dataclasses.replace(LIMITS, max_seq_holes=4))
+    for seq in (0, 2, 4, 6, 8):
+        state.apply(batch(seq, 0, [1], [0]))
+    with pytest.raises(BatchError) as caught:
+        state.apply(batch(10, 0, [1], [0]))
+    assert caught.value.reason == "seq_holes"
+    assert state.apply(batch(9, 0, [1], [0]))  # extends a run: no new hole
+    assert state.apply(batch(1, 0, [1], [0]))  # fills one
+    assert state.apply(batch(11, 0, [1], [0]))
+    assert state.watermarks.gaps == 4  # 3, 5, 7 and 10
+
+
+def test_sequence_memory_is_bounded_by_holes_not_by_how_far_it_went():
+    """A million seqs after one lost batch are two runs, not a set of a million numbers."""
+    marks = Watermarks(Limits(n_brands=1, n_minutes=1, n_countries=1, n_platforms=1,
+                              max_seq_jump=2))
+    marks.mark("p", 0)
+    for seq in range(2, 1_000_002):
+        marks.admit("p", seq)
+        marks.mark("p", seq)
+    p = marks.get("p")
+    assert (p.next_seq, p.starts, p.ends, marks.gaps) == (1, [2], [1_000_002], 1)
+
+
+def test_a_batch_that_would_pass_the_largest_total_is_rejected_whole():
+    """GMV stops at 2^53 - 1 cents (exact in JavaScript) and no int64 can wrap."""
+    limits = dataclasses.replace(LIMITS, max_order_cents=10**15, max_batch_orders=1000)
+    state = AggregateState(limits)
+    amounts = [10**15] * 9
+    assert state.apply(batch(0, 0, amounts, [0] * 9))
+    with pytest.raises(BatchError) as caught:
+        state.apply(batch(1, 0, amounts, [0] * 9))
+    assert caught.value.reason == "total_overflow"
+    assert state.gmv_cents == 9 * 10**15 == int(state.gmv_by_brand.sum()) <= MAX_TOTAL
+    assert not state.watermarks.seen("p", 1)  # refused whole: its seq is still open
+
+
+def test_announcement_beyond_the_jump_bound_or_of_a_stranger_is_not_taken():
+    """A retained last_seq of 2^53 - 1 for any producer adds no gaps."""
+    state = AggregateState(LIMITS)
+    state.apply(batch(0, 0, [1], [0]))
+    assert not state.watermarks.announce("p", MAX_SEQ)
+    assert not state.watermarks.announce("stranger", 5)
+    assert state.watermarks.announce("p", 3) and state.watermarks.gaps == 3
+
+
+def test_reset_zeroes_the_totals_but_keeps_the_sequences():
+    """After a reset, an old batch redelivered is still a duplicate; new ones count from 0."""
+    state = AggregateState(LIMITS)
+    state.apply(batch(0, 1, [500], [2]))
+    state.take_acks()
+    state.reset()
+    assert state.gmv_cents == 0 and not state.gmv_by_brand.any() and state.resets == 1
+    assert not state.apply(batch(0, 1, [500], [2]))
+    assert state.apply(batch(1, 1, [7], [2])) and state.gmv_cents == 7
+    [ack] = state.take_acks()
+    assert ack == {"producer": "p", "next_seq": 2, "max_seen": 1, "gaps": 0, "orders": 1,
+                   "gmv_cents": 7, "chatbot_queries": 0, "resets": 1}
+
+
+def test_acks_name_only_the_producers_that_changed():
+    """take_acks reports each changed producer once, with what its own batches added."""
+    state = AggregateState(LIMITS)
+    state.apply(batch(0, 0, [5, 6], [1, 2], producer="a"))
+    state.apply(batch(0, 0, [9], [1], producer="b"))
+    assert [(a["producer"], a["orders"], a["gmv_cents"]) for a in state.take_acks()] == \
+        [("a", 2, 11), ("b", 1, 9)]
+    assert state.take_acks() == []
+    state.apply(batch(2, 0, [1], [1], producer="a"))
+    [ack] = state.take_acks()
+    assert (ack["producer"], ack["next_seq"], ack["max_seen"], ack["gaps"]) == ("a", 1, 2, 1)
+
+
+def test_watermarks_survive_a_dump_and_refuse_a_malformed_one():
+    """dump/from_dump round-trip runs and totals; out-of-order runs are refused."""
+    marks = Watermarks(LIMITS)
+    for seq in (0, 1, 5, 6, 9):
+        marks.mark("p", seq)
+    again = Watermarks.from_dump(orjson.loads(orjson.dumps(marks.dump())), LIMITS)
+    assert again.get("p") == marks.get("p") and again.gaps == marks.gaps == 5
+    for bad in ({"p": [2, 1, 0, 0, 0, 6, 5]}, {"p": [0, 9, 0, 0, 0, 5]}, {"p": "x"},
+                {"p": [0, 9, 0, -1, 0]}, [1]):
+        with pytest.raises(ValueError):
+            Watermarks.from_dump(bad, LIMITS)
 
 
 # --- fuzzing: whatever arrives, the totals are the sum of the batches accepted once ---------
@@ -150,10 +280,11 @@ def test_fuzz_totals_are_the_sum_of_batches_accepted_once(stream):
     for payload in stream:
         try:
             decoded = decode(payload, FUZZ_LIMITS)
+            applied = state.apply(decoded)
         except BatchError as exc:
             state.reject(exc.reason)
             continue
-        if state.apply(decoded):
+        if applied:
             assert (decoded.producer, decoded.seq) not in seen
             seen.add((decoded.producer, decoded.seq))
             expected += decoded.gmv_cents

@@ -12,6 +12,7 @@ import re
 import struct
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ticker.wire import BatchError, Limits, OrderBatch, decode, encode
+from ticker.wire import MAX_SEQ, BatchError, Limits, OrderBatch, dead_letter, decode, \
+    decode_announcement, encode
 
 from .conftest import festival_limits
 
@@ -126,12 +128,12 @@ def test_encode_binary_produces_the_documented_bytes():
 @pytest.mark.parametrize("binary_encoding", [True, False], ids=["binary", "json"])
 def test_round_trip_gives_identical_columns(binary_encoding):
     """decode(encode(batch)) returns the same producer, seq, minute and column values."""
-    batch = OrderBatch("prod-é✓", 2**63 - 1, 15839,
+    batch = OrderBatch("Shop_7.eu:a@b-c", MAX_SEQ, 15839,
                        np.array([1, 10**10, 123], np.int64), np.array([249_999, 0, 7], np.uint32),
                        np.array([11, 0, 5], np.uint8), np.array([0, 2, 1], np.uint8))
     back = decode(encode(batch, binary=binary_encoding), LIMITS)
-    assert columns(back) == ("prod-é✓", 2**63 - 1, 15839, [1, 10**10, 123], [249999, 0, 7],
-                             [11, 0, 5], [0, 2, 1])
+    assert columns(back) == ("Shop_7.eu:a@b-c", MAX_SEQ, 15839, [1, 10**10, 123],
+                             [249999, 0, 7], [11, 0, 5], [0, 2, 1])
 
 
 def test_binary_decoding_does_not_copy_the_columns():
@@ -160,18 +162,32 @@ def test_json_key_order_does_not_matter():
 
 def test_boundary_values_are_accepted():
     """The extreme valid values (amount 1 and max, last ids, last minute, max seq) decode."""
-    payload = json_doc(seq=2**63 - 1, minute=15839, amount_cents=[1, 10**10],
+    payload = json_doc(seq=MAX_SEQ, minute=15839, amount_cents=[1, 10**10],
                        brand=[0, 249_999], country=[0, 11], platform=[0, 2])
     batch = decode(payload, LIMITS)
-    assert (batch.seq, batch.minute) == (2**63 - 1, 15839)
+    assert (batch.seq, batch.minute) == (2**53 - 1, 15839)
     assert batch.platform.tolist() == [0, 2]
 
 
-def test_producer_length_counts_characters_not_bytes():
-    """A 64-character producer id is accepted even when its UTF-8 form is 128 bytes."""
-    name = "é" * 64
+def test_seq_above_2_to_the_53_is_out_of_range():
+    """seq is bounded by 2^53 - 1 (exact in JavaScript; no sum of seqs overflows int64)."""
+    assert "must be 0..9007199254740991" in rejected(json_doc(seq=2**53), "out_of_range")
+    rejected(binary(seq=2**63 - 1), "out_of_range")
+
+
+def test_producer_id_of_64_topic_safe_characters_is_accepted():
+    """Letters, digits and - _ . : @, up to 64 of them, make a producer id."""
+    name = "Az09-_.:@" * 7 + "x"
     assert decode(json_doc(producer=name), LIMITS).producer == name
     assert decode(binary(name.encode()), LIMITS).producer == name
+
+
+@pytest.mark.parametrize("name", ["a/b", "a+b", "a#", "a b", "é", "a\x00b", "shop\n"],
+                         ids=["slash", "plus", "hash", "space", "non-ascii", "nul", "newline"])
+def test_producer_id_that_would_not_work_as_one_topic_level_is_rejected(name):
+    """A producer id names its topic level, so / + # and anything outside the set are refused."""
+    rejected(json_doc(producer=name), "bad_producer")
+    rejected(binary(name.encode()), "bad_producer")
 
 
 # --- rejections, one reason at a time -----------------------------------------------------
@@ -273,7 +289,7 @@ def test_json_missing_or_empty_producer_is_rejected(producer):
 
 def test_json_producer_longer_than_64_characters_is_rejected():
     """A 65-character producer id is `bad_producer`, and the message gives the limit."""
-    assert "1-64 printable characters" in rejected(json_doc(producer="p" * 65), "bad_producer")
+    assert "must be 1-64 of" in rejected(json_doc(producer="p" * 65), "bad_producer")
 
 
 def test_binary_empty_producer_is_rejected():
@@ -288,11 +304,11 @@ def test_binary_producer_longer_than_64_characters_is_rejected():
 
 def test_binary_non_utf8_producer_is_rejected():
     """A binary producer id that is not valid UTF-8 is `bad_producer`."""
-    assert "UTF-8" in rejected(binary(b"shop\xff"), "bad_producer")
+    assert "must be 1-64 of" in rejected(binary(b"shop\xff"), "bad_producer")
 
 
-@pytest.mark.parametrize("value", [3.0, True, None, "5", [1], 3e2],
-                         ids=["float", "true", "null", "string", "list", "exponent"])
+@pytest.mark.parametrize("value", [3.0, True, None, "5", 3e2],
+                         ids=["float", "true", "null", "string", "exponent"])
 def test_json_column_element_that_is_not_an_integer_is_bad_type(value):
     """A column holding 3.0, true, null, "5", a list or 3e2 is `bad_type`, naming the column."""
     message = rejected(json_doc(brand=[1, value]), "bad_type")
@@ -323,7 +339,7 @@ def test_json_missing_column_is_rejected(name):
 def test_json_column_that_is_not_an_array_is_missing_column():
     """A JSON column given as a number or object instead of an array is `missing_column`."""
     rejected(json_doc(country=0), "missing_column")
-    rejected(json_doc(platform={"0": 1}), "missing_column")
+    rejected(json_doc(platform="01"), "missing_column")
 
 
 def test_json_columns_of_different_lengths_are_rejected():
@@ -355,10 +371,14 @@ SMALL = Limits(n_brands=10, n_minutes=60, n_countries=2, n_platforms=2, max_batc
 
 
 def test_payload_above_max_payload_bytes_is_oversized():
-    """A payload longer than 4096 + 64 x max_batch_orders bytes is `oversized`, before parsing."""
-    assert SMALL.max_payload_bytes == 4096 + 2 * 64
+    """A payload longer than either encoding's largest is `oversized`, before parsing; JSON
+    has a budget of its own, 4 MiB by default."""
+    assert SMALL.max_payload_bytes == 4 * 2**20
     message = rejected(b"x" * (SMALL.max_payload_bytes + 1), "oversized", SMALL)
     assert f"{SMALL.max_payload_bytes + 1} bytes > {SMALL.max_payload_bytes}" in message
+    big = Limits(n_brands=10, n_minutes=60, n_countries=2, n_platforms=2, max_json_bytes=100)
+    assert "max_json_bytes=100" in rejected(b"{" + b" " * 100 + b"}", "oversized", big)
+    assert big.max_payload_bytes == 24 + 8 + 64 + 1_000_000 * 14
 
 
 def test_binary_order_count_above_limit_is_oversized():
@@ -672,3 +692,69 @@ def test_fuzz_json_fields_of_any_type(overrides, limits):
             doc[key] = value
     # Integers beyond 64 bits cannot go through orjson.dumps; the stdlib writes them as text.
     check_decode(json.dumps(doc).encode(), limits)
+
+
+# --- bounds on what decoding costs, and the other small messages ------------------------------
+
+def test_deeply_nested_json_is_refused_before_parsing_with_bounded_memory():
+    """30 MB of `[[],[],...` (under the size limit) is `too_nested`, allocating almost nothing
+    (before: orjson built ~2 GB of lists for such a payload)."""
+    limits = Limits(n_brands=10, n_minutes=60, n_countries=2, n_platforms=2,
+                    max_json_bytes=64 * 2**20)
+    payload = b'{"v":1,"amount_cents":[' + b"[]," * 10_000_000 + b"[]]}"
+    assert len(payload) < limits.max_payload_bytes
+    tracemalloc.start()
+    try:
+        rejected(payload, "too_nested", limits)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1_000_000
+    rejected(b'{"v":1,"x":{"y":{}}}', "too_nested")
+    rejected(json_doc(brand=[1, [1]]), "too_nested")
+
+
+def test_json_memory_stays_proportional_to_the_payload():
+    """A flat JSON batch costs at most ~16x its size to decode: at most 64 MB at 4 MiB."""
+    n = 80_000
+    payload = json_doc(amount_cents=[10**10] * n, brand=[249_999] * n, country=[11] * n,
+                       platform=[2] * n)
+    tracemalloc.start()
+    try:
+        decode(payload, LIMITS)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(payload) < LIMITS.max_json_bytes and peak < 17 * len(payload)
+
+
+def test_send_time_beyond_2_to_the_53_is_out_of_range():
+    """sent_at_us is bounded like every other number, in both encodings."""
+    rejected(json_doc(sent_at_us=2**53), "out_of_range")
+    stamped = struct.pack(HEADER, b"GMVB", 1, 1, 6, 1, 42, 660) + struct.pack("<q", 2**60)
+    rejected(stamped + b"shop-7\0\0" + struct.pack("<qIBB", 1999, 17, 0, 2), "out_of_range")
+
+
+def test_announcement_decodes_and_bounds_last_seq():
+    """An announcement names its producer and a last_seq in -1..2^53-1; anything else is refused."""
+    note = decode_announcement(b'{"v":1,"producer":"shop-7","last_seq":41,"orders":3}')
+    assert (note.producer, note.last_seq) == ("shop-7", 41)
+    for bad, reason in ((b'{"v":1,"producer":"a","last_seq":18446744073709551615}',
+                         "out_of_range"), (b'{"v":1,"producer":"a","last_seq":"9"}',
+                                           "out_of_range"),
+                        (b'{"v":1,"producer":"a/b","last_seq":1}', "bad_producer"),
+                        (b'{"v":2,"producer":"a","last_seq":1}', "bad_version"),
+                        (b"[1]", "bad_version"), (b"x" * 5000, "oversized")):
+        with pytest.raises(BatchError) as caught:
+            decode_announcement(bad)
+        assert caught.value.reason == reason
+
+
+def test_dead_letter_carries_the_reason_and_a_bounded_head_not_the_payload():
+    """A 1 MB rejected payload becomes a dead letter of under 2 KB with its size and reason."""
+    payload = b"{" + b"x" * 1_000_000
+    letter = orjson.loads(dead_letter("oversized", "too big", "gmv/v1/orders/a/0", payload))
+    assert len(dead_letter("oversized", "too big", "gmv/v1/orders/a/0", payload)) < 2048
+    assert letter == {"v": 1, "reason": "oversized", "detail": "too big",
+                      "topic": "gmv/v1/orders/a/0", "size": 1_000_001,
+                      "head": "{" + "x" * 511, "truncated": True}

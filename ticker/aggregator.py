@@ -1,15 +1,23 @@
-"""Aggregator shell: MQTT messages in, `AggregateState` updated, totals and checkpoints out.
+"""Aggregator shell: MQTT messages in, `AggregateState` updated, totals, acks and checkpoints out.
+
+Every message goes through `handle` (no I/O, never raises): topic and payload are checked,
+the batch is applied or counted as rejected, and what to publish comes back. The rest of
+this module moves bytes between the broker, `handle` and the disk.
 
 Exactly-once totals over at-least-once delivery:
-* The session is persistent (clean session off, a stable client id per prefix and shard), so
-  the broker keeps QoS 1 batches for us while we are disconnected or down.
-* With a checkpoint file, a batch is acknowledged to the broker only after a checkpoint that
-  contains it is on disk. A crash therefore loses nothing (unacknowledged batches are
-  redelivered) and counts nothing twice (the checkpoint's watermarks drop redeliveries).
-  The broker holds at most its in-flight limit of unacknowledged messages per client, so a
-  checkpoint is taken whenever `max_unacked` are waiting, and at least every `interval`.
-* Without a checkpoint file the state lives in memory only: batches are acknowledged as soon
-  as they are applied, and a restart begins from zero with a fresh session.
+* Durable (a checkpoint file, the default of `gmv aggregate`): the session is persistent (a
+  stable client id per prefix and shard), so the broker keeps QoS 1 batches for us while we
+  are away, and a batch is acknowledged to the broker only after a checkpoint holding it is
+  on disk. A crash loses nothing (unacknowledged batches are redelivered) and counts nothing
+  twice (the checkpoint's watermarks drop the redeliveries). The broker sends at most its
+  in-flight limit of unacknowledged messages, so a checkpoint is taken whenever
+  `max_unacked` wait, and at least every `interval`.
+* In memory (the demo, the bench, `--no-checkpoint`): a clean session with a unique client
+  id; batches are acknowledged once applied, and a restart begins from zero.
+
+Flow control: after applying (durably, when durable) a producer's batches, the shard tells
+that producer on `{prefix}/acks/{shard}/{producer}` how far its sequence is applied, so a
+replay keeps a bounded window ahead of what is applied and never overruns a broker queue.
 """
 
 from __future__ import annotations
@@ -17,19 +25,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import orjson
 
 from . import checkpoint
-from .control import ControlError, decode_command
+from .control import ControlError, Verifier
 from .dimensions import Window
-from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting
+from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
 from .state import AggregateState
-from .wire import BatchError, Limits, decode, decode_chatbot
+from .wire import BatchError, Limits, dead_letter, decode, decode_announcement, decode_chatbot
 
 log = logging.getLogger(__name__)
+ACK_EVERY = 32  # in memory, acks go out after this many messages, and every totals interval
+
+
+@dataclass(frozen=True)
+class Handled:
+    """What `handle` made of one message."""
+
+    outcome: str  # applied, duplicate, rejected, announcement, reset, refused, ignored
+    dead_letter: tuple[str, bytes] | None = None  # (topic, payload) to publish
 
 
 class Aggregator:
@@ -52,142 +70,200 @@ class Aggregator:
         self.restored = restored is not None
         self.state = restored or AggregateState(limits, first_time)
         self.checkpoints = 0
-        self.control_token = control_token  # a replay may reset the totals with this token
-        self.resets = 0
+        # An operator's `reset` (a replay starting again) must be signed with this token.
+        self.verifier = Verifier(control_token) if control_token else None
         self.ready = asyncio.Event()
         self._unacked: list = []
+        self._since_acks = 0  # messages applied since the last acks went out (in memory)
+        self._acks_due = asyncio.Event()
+        self._due_acks: dict[str, dict] = {}  # producer -> its newest ack not yet sent
         self._last_checkpoint = time.monotonic()
         self._checkpoint_lock = asyncio.Lock()
-        self.client_id = f"gmv-aggregator/{topics.prefix}/{shard}"
+        self.client_id = f"gmv-aggregator/{topics.prefix}/{shard}" if checkpoint_path \
+            else unique_client_id("gmv-aggregator")
+        self._refused = _Throttled("ignoring control messages")
+
+    # --- the pure part ---------------------------------------------------------------------
+
+    def handle(self, topic: str, payload: bytes, now: float) -> Handled:
+        """Check and apply one message from any topic we subscribe to. `now`: wall clock, s."""
+        kind, rest = self.topics.kind(topic)
+        try:
+            if kind in ("orders", "chatbot"):
+                return self._apply(kind, rest, payload, now)
+            if kind == "producers":
+                return self._note_announcement(rest, payload)
+            if kind == "control" and self.verifier is not None:
+                command = self.verifier.verify(payload, now)
+                return Handled("reset" if command.cmd == "reset" else "ignored")
+        except BatchError as exc:
+            self.state.reject(exc.reason)
+            log.info("rejected a message on %s: %s", topic, exc)
+            return Handled("rejected", (self.topics.rejected(exc.reason),
+                                        dead_letter(exc.reason, str(exc), topic, payload)))
+        except ControlError as exc:
+            self._refused.note(str(exc), now)
+            return Handled("refused")
+        except Exception:  # a bug must not stop the shard; the message is counted and logged
+            log.exception("failed to handle a message on %s", topic)
+            self.state.reject("internal_error")
+            return Handled("rejected")
+        return Handled("ignored")
+
+    def _apply(self, kind: str, rest: list[str], payload: bytes, now: float) -> Handled:
+        if len(rest) != 2 or not (rest[1].isdecimal() and rest[1].isascii()):
+            raise BatchError("bad_topic", f"publish on {self.topics.prefix}/{kind}/"
+                                          "{producer}/{partition}")
+        limits = self.state.limits
+        message = decode(payload, limits) if kind == "orders" else decode_chatbot(payload, limits)
+        if message.producer != rest[0]:
+            raise BatchError("producer_mismatch", f"payload producer {message.producer!r} on "
+                                                  f"the topic of {rest[0]!r}")
+        applied = self.state.apply(message, now_us=int(now * 1e6)) if kind == "orders" \
+            else self.state.apply_chatbot(message)  # type: ignore[arg-type]
+        return Handled("applied" if applied else "duplicate")
+
+    def _note_announcement(self, rest: list[str], payload: bytes) -> Handled:
+        """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
+        if not payload:  # a producer cleared its retained announcement
+            return Handled("ignored")
+        note = decode_announcement(payload)
+        if rest != [note.producer]:
+            raise BatchError("producer_mismatch", f"announcement of {note.producer!r} on "
+                                                  f"{'/'.join(rest)!r}")
+        # Retained: an earlier run's announcement is ignored by a state that never heard of
+        # its producer, so a fresh aggregator does not report its batches as gaps.
+        taken = self.state.watermarks.announce(note.producer, note.last_seq)
+        return Handled("announcement" if taken else "ignored")
+
+    # --- the shell -------------------------------------------------------------------------
+
+    @property
+    def durable(self) -> bool:
+        return self.checkpoint_path is not None
 
     async def run(self) -> None:
         """Consume forever, reconnecting after any broker outage."""
-        if not self.restored:
+        if self.durable and not self.restored:
             # Nothing to resume: end any session a previous run left, so its queued batches
-            # are not mixed into a fresh total.
+            # are not mixed into a fresh total; from the empty checkpoint on, the broker
+            # keeps our session, and a crash before the first real checkpoint resumes it.
             async with connect(self.broker, self.client_id, clean_session=True):
                 pass
-            if self.checkpoint_path is not None:
-                # From here on the broker keeps our session: a crash before the first real
-                # checkpoint must resume it, not end it again and drop what it holds.
-                checkpoint.save(self.checkpoint_path, checkpoint.export(self.state))
-                self.restored = True
+            await self._save()
+            self.restored = True
         try:
             await reconnecting(self.broker, self.client_id, self._session,
-                               clean_session=False, manual_ack=True)
-        finally:
+                               clean_session=not self.durable, manual_ack=True)
+        except asyncio.CancelledError:
             # A clean stop keeps everything applied so far; what was not acknowledged will be
-            # redelivered and then dropped as a duplicate.
-            if self.checkpoint_path is not None:
+            # redelivered and dropped as a duplicate. (After a failure nothing is written: the
+            # last checkpoint stands and the broker redelivers the rest.)
+            if self.durable:  # synchronously: nothing may cancel it half-way
                 checkpoint.save(self.checkpoint_path, checkpoint.export(self.state))
+            raise
 
     async def _session(self, client) -> None:
         self._unacked = []  # the broker redelivers whatever we had not acknowledged
-        await client.subscribe(self.topics.all_orders, qos=1)
-        await client.subscribe(self.topics.all_producers, qos=1)
-        await client.subscribe(self.topics.all_chatbot, qos=1)
-        if self.control_token is not None:
+        # Every producer hears again where it stands: a reconnect may have lost an ack.
+        self.state.watermarks.changed.update(self.state.watermarks.producers)
+        for kind in ("orders", "chatbot"):
+            await client.subscribe(f"{self.topics.prefix}/{kind}/#", qos=1)
+        await client.subscribe(self.topics.producer("+"), qos=1)
+        if self.verifier is not None:
             await client.subscribe(self.topics.control, qos=1)
         self.ready.set()
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self._consume(client), name=f"aggregator-{self.shard}-consume")
             tg.create_task(self._publish_totals(client), name=f"aggregator-{self.shard}-totals")
+            tg.create_task(self._send_acks(client), name=f"aggregator-{self.shard}-acks")
             tg.create_task(self._reread_announcements(client),
                            name=f"aggregator-{self.shard}-announcements")
-            if self.checkpoint_path is not None:
+            if self.durable:
                 tg.create_task(self._checkpoint_timer(client),
                                name=f"aggregator-{self.shard}-checkpoints")
 
     async def _consume(self, client) -> None:
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
-            if message.topic.matches(self.topics.all_producers):
-                self._note_announcement(payload)
+            handled = self.handle(message.topic.value, payload, time.time())
+            if handled.dead_letter is not None:
+                await client.publish(*handled.dead_letter, qos=0)
+            if handled.outcome == "reset":
+                await self._reset(client)
+            if not self.durable:
                 ack(client, message)
-                continue
-            if message.topic.matches(self.topics.control):
-                await self._obey(payload, client)
-                ack(client, message)
-                continue
-            try:
-                if message.topic.matches(self.topics.all_chatbot):
-                    self.state.apply_chatbot(decode_chatbot(payload, self.state.limits))
-                else:
-                    self.state.apply(decode(payload, self.state.limits),
-                                     now_us=time.time_ns() // 1000)
-            except BatchError as exc:
-                self.state.reject(exc.reason)
-                log.info("rejected batch on %s: %s", message.topic, exc)
-                await client.publish(self.topics.rejected(exc.reason), payload, qos=0)
-            if self.checkpoint_path is None:
-                ack(client, message)
+                self._since_acks += 1
+                if self._since_acks >= ACK_EVERY:  # a producer waiting on its window goes on
+                    self._acks_due.set()
                 continue
             self._unacked.append(message)
-            if len(self._unacked) >= self.max_unacked:
+            if len(self._unacked) >= self.max_unacked or handled.outcome == "reset":
                 await self.checkpoint(client)
 
-    async def _obey(self, payload: bytes, client) -> None:
-        """A replay going back to its start asks for `reset`: totals start again from zero."""
-        try:
-            command = decode_command(payload, self.control_token)
-        except ControlError as exc:
-            log.warning("ignoring a control message: %s", exc)
-            return
-        if command.cmd == "reset":
-            self.state = AggregateState(self.state.limits, self.state.first_time)
-            self.resets += 1
+    async def _reset(self, client) -> None:
+        """An operator's signed `reset`: the totals start again from zero. Everything before
+        it is checkpointed and kept as PATH.before-reset, so a reset can be undone by hand
+        (stop the aggregator, move that file back)."""
+        if self.durable:
             await self.checkpoint(client)
+            await asyncio.to_thread(checkpoint.backup, self.checkpoint_path)
+        self.state.reset()
+        log.warning("shard %s: totals reset to zero by an operator's command", self.shard)
 
     async def _reread_announcements(self, client, every: float = 5.0) -> None:
         """Subscribing again makes the broker resend the retained announcements: one whose
         live copy a full queue dropped (with the tail it announces) still arrives."""
         while True:
             await asyncio.sleep(every)
-            await client.subscribe(self.topics.all_producers, qos=1)
-
-    def _note_announcement(self, payload: bytes) -> None:
-        """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
-        try:
-            note = orjson.loads(payload)
-            producer, last_seq = note["producer"], note["last_seq"]
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.warning("ignoring a malformed producer announcement: %r", payload[:200])
-            return
-        # Announcements are retained: ignore those of producers this state never heard from
-        # (an earlier run's), so a fresh aggregator does not report their batches as gaps.
-        marks = self.state.watermarks
-        if isinstance(producer, str) and type(last_seq) is int and last_seq >= 0 \
-                and marks.knows(producer):
-            marks.announce(producer, last_seq)
-        chatbot_last = note.get("chatbot_last_seq")
-        if isinstance(producer, str) and type(chatbot_last) is int and chatbot_last >= 0 \
-                and marks.knows(f"{producer}#chatbot"):
-            marks.announce(f"{producer}#chatbot", chatbot_last)
+            await client.subscribe(self.topics.producer("+"), qos=1)
 
     async def _checkpoint_timer(self, client) -> None:
         while True:
             await asyncio.sleep(self.checkpoint_interval / 4)
-            if self._unacked and \
-                    time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
+            due = self._unacked or self.state.watermarks.changed
+            if due and time.monotonic() - self._last_checkpoint >= self.checkpoint_interval:
                 await self.checkpoint(client)
 
-    async def checkpoint(self, client=None) -> None:
-        """Write the state to disk, then acknowledge the batches it contains."""
-        if self.checkpoint_path is None:
-            return
+    async def checkpoint(self, client) -> None:
+        """Write the state to disk, then acknowledge the batches it holds to the broker and
+        tell their producers how far they are applied."""
         async with self._checkpoint_lock:
-            data, done = checkpoint.export(self.state), self._unacked
-            self._unacked = []
-            await asyncio.to_thread(checkpoint.save, self.checkpoint_path, data)
-            self._last_checkpoint = time.monotonic()
-            self.checkpoints += 1
-            if client is not None:
-                for message in done:
-                    ack(client, message)
+            done, self._unacked = self._unacked, []
+            acks = await self._save()
+            for message in done:
+                ack(client, message)
+            self._due_acks.update((a["producer"], a) for a in acks)
+            self._acks_due.set()
+
+    async def _save(self) -> list[dict]:
+        """Checkpoint now; the acks that this checkpoint makes true."""
+        data, acks = checkpoint.export(self.state), self.state.take_acks()
+        await asyncio.to_thread(checkpoint.save, self.checkpoint_path, data)
+        self._last_checkpoint = time.monotonic()
+        self.checkpoints += 1
+        return acks
+
+    async def _send_acks(self, client) -> None:
+        """Publish the acks that are due, in a task of their own: waiting for the broker's
+        PUBACKs must not hold up consuming."""
+        while True:
+            await self._acks_due.wait()
+            self._acks_due.clear()
+            if not self.durable:  # in memory, applied is as good as it gets
+                self._due_acks.update((a["producer"], a) for a in self.state.take_acks())
+            self._since_acks = 0
+            due, self._due_acks = self._due_acks, {}
+            for producer, doc in due.items():
+                await client.publish(self.topics.acks(self.shard, producer),
+                                     orjson.dumps({"v": 1, "shard": self.shard, **doc}),
+                                     qos=1, retain=True)
 
     async def _publish_totals(self, client) -> None:
         last_body, last_time, last_gaps = b"", 0.0, 0
         while True:
+            if not self.durable:
+                self._acks_due.set()
             snapshot = self.state.snapshot()
             if snapshot["gaps"] > last_gaps:
                 log.warning("%d batches missing from producers' sequences: the broker may have "
@@ -196,11 +272,27 @@ class Aggregator:
             last_gaps = snapshot["gaps"]
             body = orjson.dumps(snapshot)
             now = time.monotonic()
-            # On change, and every 2 s regardless, so watchers can tell we are alive.
-            if body != last_body or now - last_time > 2.0:
+            # On change, and every second regardless, so watchers can tell we are alive.
+            if body != last_body or now - last_time > 1.0:
                 totals = {"v": 1, "shard": self.shard, "window": self.window.as_dict(),
                           **snapshot}
                 await client.publish(self.topics.totals(self.shard), orjson.dumps(totals),
                                      qos=1, retain=True)
                 last_body, last_time = body, now
             await asyncio.sleep(self.totals_interval)
+
+
+class _Throttled:
+    """A warning logged at most once per `every` seconds, with how many were held back, so a
+    flood of bad messages cannot flood the log."""
+
+    def __init__(self, what: str, every: float = 10.0) -> None:
+        self.what, self.every, self.held, self.last = what, every, 0, -float("inf")
+
+    def note(self, reason: str, now: float) -> None:
+        if now - self.last < self.every:
+            self.held += 1
+            return
+        more = f" (and {self.held} more since the last warning)" if self.held else ""
+        log.warning("%s: %s%s", self.what, reason, more)
+        self.last, self.held = now, 0

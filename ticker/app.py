@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import os
 import secrets
 import signal
 import sys
@@ -22,20 +24,22 @@ import numpy as np
 import orjson
 
 from simulator.curve_csv import CurveFileError, read_curve
+from simulator.flow import FlowControl, usd as _usd
 from simulator.history import curve, curve_like_for_like_2019, festival_years
 from simulator.publisher import PublishReport, Replay, ScenarioSource, Source
 from simulator.recording import CHATBOT, ORDERS, RecordingError, RecordingSource, \
     RecordingWriter
 from simulator.scenario import Scenario, scenario_for_year
 
+from . import checkpoint
 from .aggregator import Aggregator
-from .control import Command, ControlError, decode_command, minute_of
+from .control import Command, ControlError, Verifier, minute_of, sign
 from .dimensions import Window
 from .errors import ConfigError
 from .feed import Comparison
 from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_control, \
     watch_totals
-from .server import TickerServer
+from .server import TickerServer, raise_fd_limit
 from .wire import Limits
 
 DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
@@ -83,6 +87,8 @@ def _source(args: argparse.Namespace) -> tuple[Source, Scenario | None]:
         return RecordingSource(path), None
     except (CurveFileError, RecordingError) as exc:
         raise ConfigError(str(exc)) from None
+    except ValueError as exc:  # a curve the scenario cannot play (it names the curve)
+        raise ConfigError(f"{path}: {exc}") from None
 
 
 def comparison_for(year: int) -> Comparison | None:
@@ -118,98 +124,151 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
         raise ConfigError(f"--from: {exc}") from None
     token = args.control_token
     if standalone and token is None:
-        token = secrets.token_urlsafe(9)  # the operator view needs one; printed below
+        token = secrets.token_urlsafe(12)  # the operator view needs one; printed below
+    if args.loop and token is None:
+        raise ConfigError("--loop needs a control token (--control-token-file or "
+                          "GMV_CONTROL_TOKEN) to reset the aggregators between passes")
     topics = Topics(args.prefix)
-    producer = args.producer or f"sim-{uuid.uuid4().hex[:8]}"
-    async with AsyncExitStack() as stack:
-        if broker is None:
-            from .embedded_broker import EmbeddedBroker
-            embedded = await stack.enter_async_context(EmbeddedBroker())
-            broker = BrokerSettings("127.0.0.1", embedded.port)
-        else:
-            await _check_broker(broker)
-        publisher = await stack.enter_async_context(ReliablePublisher(broker))
-        replay = Replay(publisher, source, topics, producer=producer, speed=args.speed,
-                        from_minute=from_minute, loop=args.loop,
-                        binary=args.encoding == "binary", control_token=token)
-        # Standalone, the task group serves until Ctrl-C; publish-only, it ends with the replay.
-        async with asyncio.TaskGroup() as tg:
-            listener = tg.create_task(watch_control(broker, topics, _obeyer(replay, token)),
-                                      name="control") if token is not None else None
-            if standalone:
+    producer = args.producer or args.username or f"sim-{uuid.uuid4().hex[:8]}"
+    verdicts: list[bool] = []
+    try:
+        async with AsyncExitStack() as stack:
+            if broker is None:
+                from .embedded_broker import EmbeddedBroker
+                embedded = await stack.enter_async_context(EmbeddedBroker())
+                broker = BrokerSettings("127.0.0.1", embedded.port)
+            else:
+                await _check_broker(broker)
+            publisher = await stack.enter_async_context(ReliablePublisher(broker))
+            flow = await stack.enter_async_context(
+                FlowControl(broker, topics, producer, window=args.window, say=_say))
+            replay = Replay(publisher, source, topics, producer=producer, speed=args.speed,
+                            from_minute=from_minute, loop=args.loop,
+                            binary=args.encoding == "binary", control_token=token, flow=flow,
+                            say=_say)
+            if standalone:  # the aggregator (in memory: the replay starts from zero) and screen
                 year = int(scenario.name) if scenario and scenario.name.isdigit() else None
                 aggregator = Aggregator(
                     broker, topics, _limits(window), window, control_token=token,
                     first_time=scenario.catalog.first_time if scenario else None)
-                server = TickerServer(
-                    allowed_origins=args.allowed_origin, control_token=token,
-                    comparison=comparison_for(year) if year else None,
+                server = _ticker_server(
+                    args, token, comparison_for(year) if year else None,
                     send_control=lambda payload: publisher.send(topics.control, payload))
                 ws_server = await stack.enter_async_context(
                     await _listen(server, args.host, args.port))
-                tg.create_task(aggregator.run(), name="aggregator")
-                tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch")
-                tg.create_task(server.run_pusher(), name="pusher")
-                await aggregator.ready.wait()
-                url = f"http://{args.host}:{_bound_port(ws_server)}/"
-                speed = "max" if args.speed is None else f"{args.speed:g}x"
-                print(f"GMV ticker: open {url} (broker {broker.url}, {source.name} at {speed}; "
-                      "Ctrl-C stops)", flush=True)
-                print(f"operator view: {url}?operator=1 (token: {token})", flush=True)
-            report = await replay.run(None if standalone else _progress())
-            if standalone:
-                print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
-                      f"GMV {_usd(report.gmv_cents)}; the ticker stays up until Ctrl-C",
-                      flush=True)
-            else:
-                _print_report(report, args.json)
-                if listener is not None:
-                    listener.cancel()
-    return 0
+            # Standalone, the task group serves until Ctrl-C; publish-only, it ends with the
+            # replay.
+            async with asyncio.TaskGroup() as tg:
+                listener = tg.create_task(watch_control(broker, topics, _obeyer(replay, token)),
+                                          name="control") if token is not None else None
+                if standalone:
+                    tg.create_task(aggregator.run(), name="aggregator")
+                    tg.create_task(watch_totals(broker, topics, server.receive_message),
+                                   name="watch")
+                    tg.create_task(server.run_pusher(), name="pusher")
+                    await aggregator.ready.wait()
+                    url = f"http://{args.host}:{_bound_port(ws_server)}/"
+                    speed = "max" if args.speed is None else f"{args.speed:g}x"
+                    print(f"GMV ticker: open {url} (broker {broker.url}, {source.name} at "
+                          f"{speed}; Ctrl-C stops)", flush=True)
+                    print(f"operator view: {url}?operator=1 (token: {token})", flush=True)
+                report = await replay.run(None if standalone else _progress())
+                verdicts.append(report.verdict is not None and report.verdict.exact)
+                verdict = report.verdict.line() if report.verdict else "no verdict"
+                if standalone:
+                    print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
+                          f"GMV {_usd(report.gmv_cents)}; {verdict}; the ticker stays up "
+                          "until Ctrl-C", flush=True)
+                else:
+                    _print_report(report, args.json)
+                    if listener is not None:
+                        listener.cancel()
+    except asyncio.CancelledError:
+        if standalone and verdicts:  # the demo ran its course: Ctrl-C ends it with the verdict
+            _say("stopped")
+            return 0 if verdicts[0] else 1
+        raise
+    return 0 if verdicts and verdicts[0] else 1
+
+
+def _say(line: str) -> None:
+    print(f"gmv: {line}", file=sys.stderr, flush=True)
 
 
 def _obeyer(replay: Replay, token: str):
+    verifier = Verifier(token)
+
     async def obey(payload: bytes) -> None:
         try:
-            command = decode_command(payload, token)
+            command = verifier.verify(payload, time.time())
             if command.cmd != "reset":  # our own reset, meant for the aggregators
                 await replay.control(command)
         except ControlError as exc:
-            print(f"gmv: control refused: {exc}", file=sys.stderr, flush=True)
+            _say(f"control refused: {exc}")
     return obey
 
 
 async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
-    await _check_broker(broker)
-    scenario = _scenario(args.scenario, args)
-    first_time = scenario.catalog.first_time if args.brands == scenario.n_brands else None
-    aggregator = Aggregator(broker, Topics(args.prefix), _limits(scenario.window, args.brands),
-                            scenario.window, shard=args.shard, checkpoint_path=args.checkpoint,
-                            checkpoint_interval=args.checkpoint_interval,
-                            max_unacked=args.max_unacked, first_time=first_time,
-                            control_token=args.control_token)
-    resumed = (f", resuming {aggregator.state.orders:,} orders from {args.checkpoint}"
-               if aggregator.restored else "")
-    print(f"aggregating {Topics(args.prefix).all_orders} from {broker.url} as shard "
-          f"{args.shard}{resumed}", file=sys.stderr, flush=True)
-    await aggregator.run()
+    path = None if args.no_checkpoint else args.checkpoint or default_checkpoint(args)
+    with contextlib.ExitStack() as held:
+        if path is not None:
+            # Before the broker session is touched: a bad path must not end the session (and
+            # drop what the broker holds for us) before we find out.
+            checkpoint.prepare(path, create_dir=args.checkpoint is None)
+            held.enter_context(checkpoint.lock(path))
+        scenario = _scenario(args.scenario, args)
+        first_time = scenario.catalog.first_time if args.brands == scenario.n_brands else None
+        limits = dataclasses.replace(_limits(scenario.window, args.brands),
+                                     max_producers=args.max_producers)
+        aggregator = Aggregator(broker, Topics(args.prefix), limits, scenario.window,
+                                shard=args.shard, checkpoint_path=path,
+                                checkpoint_interval=args.checkpoint_interval,
+                                max_unacked=args.max_unacked, first_time=first_time,
+                                control_token=args.control_token)
+        await _check_broker(broker)
+        state = (f"checkpoint {path}" + (f", resuming {aggregator.state.orders:,} orders"
+                                         if aggregator.restored else "")
+                 if path else "in memory only (--no-checkpoint): a restart starts from zero")
+        print(f"aggregating {args.prefix}/orders from {broker.url} as shard {args.shard}; "
+              f"{state}", file=sys.stderr, flush=True)
+        await aggregator.run()
     return 0
+
+
+def default_checkpoint(args: argparse.Namespace) -> Path:
+    """$GMV_STATE_DIR, else $XDG_STATE_HOME/gmv, else ~/.local/state/gmv: one file per topic
+    prefix and shard, so every aggregator survives a restart without being told."""
+    state_dir = os.environ.get("GMV_STATE_DIR") or os.path.join(
+        os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "gmv")
+    name = "".join(c if c.isalnum() or c in "-." else "_" for c in args.prefix)
+    return Path(state_dir) / f"aggregator-{name}-{args.shard}.ckpt"
 
 
 async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
     await _check_broker(broker)
     topics = Topics(args.prefix)
-    async with AsyncExitStack() as stack, asyncio.TaskGroup() as tg:
+    async with AsyncExitStack() as stack:
         publisher = await stack.enter_async_context(ReliablePublisher(broker))
-        server = TickerServer(
-            allowed_origins=args.allowed_origin, control_token=args.control_token,
-            comparison=comparison_for(int(args.scenario)),
-            send_control=lambda payload: publisher.send(topics.control, payload))
+        server = _ticker_server(
+            args, args.control_token, comparison_for(int(args.scenario)),
+            send_control=lambda payload: publisher.send(topics.control, payload),
+            expected_shards=args.shards)
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
+        tg = await stack.enter_async_context(asyncio.TaskGroup())
         tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch-totals")
         tg.create_task(server.run_pusher(), name="pusher")
         print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
     return 0
+
+
+def _ticker_server(args: argparse.Namespace, token: str | None,
+                   comparison: Comparison | None, **options) -> TickerServer:
+    """The screen server, after raising the open-files limit so that every viewer it admits
+    has a descriptor (the default 1024 ran out at about 1,000 idle websockets)."""
+    soft, hard = raise_fd_limit()
+    print(f"open files: up to {soft:,} (hard limit {hard:,})", file=sys.stderr, flush=True)
+    return TickerServer(allowed_origins=args.allowed_origin, control_token=token,
+                        comparison=comparison, max_viewers=args.max_viewers, **options)
 
 
 async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
@@ -223,8 +282,8 @@ async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
     writer = RecordingWriter(file, window, 250_000)
     try:
         async with connect(broker) as client:
-            await client.subscribe(topics.all_orders, qos=1)
-            await client.subscribe(topics.all_chatbot, qos=1)
+            await client.subscribe(f"{topics.prefix}/orders/+/+", qos=1)
+            await client.subscribe(f"{topics.prefix}/chatbot/+/+", qos=1)
             print(f"recording {topics.prefix} from {broker.url} into {args.file}",
                   file=sys.stderr, flush=True)
             messages = aiter(client.messages)
@@ -234,7 +293,7 @@ async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
                         message = await anext(messages)
                 except TimeoutError:
                     break
-                kind = CHATBOT if message.topic.matches(topics.all_chatbot) else ORDERS
+                kind = CHATBOT if topics.kind(message.topic.value)[0] == "chatbot" else ORDERS
                 writer.write(kind, message.payload if isinstance(message.payload, bytes)
                              else b"")
     finally:
@@ -247,7 +306,7 @@ async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
 
 async def control(args: argparse.Namespace, broker: BrokerSettings) -> int:
     if args.control_token is None:
-        raise ConfigError("--control-token (or GMV_CONTROL_TOKEN) is needed")
+        raise ConfigError("--control-token-file (or GMV_CONTROL_TOKEN) is needed")
     if args.cmd in ("speed", "seek") and not args.value:
         raise ConfigError(f"{args.cmd} needs a value, e.g. "
                           + ("`gmv control speed 120`" if args.cmd == "speed"
@@ -258,7 +317,8 @@ async def control(args: argparse.Namespace, broker: BrokerSettings) -> int:
     else:
         command = Command(args.cmd, to=args.value if args.cmd == "seek" else None)
     async with ReliablePublisher(broker) as publisher:
-        await publisher.send(Topics(args.prefix).control, command.encode(args.control_token))
+        await publisher.send(Topics(args.prefix).control,
+                             sign(command, args.control_token, now=time.time()))
         await publisher.flush()
     print(f"sent {args.cmd}", flush=True)
     return 0
@@ -291,17 +351,18 @@ def _progress(every: float = 2.0):
 
 
 def _print_report(report: PublishReport, as_json: bool) -> None:
+    verdict = report.verdict
     if as_json:
-        print(orjson.dumps(dataclasses.asdict(report)).decode(), flush=True)
-    else:
-        print(f"published {report.orders:,} orders in {report.batches:,} batches, "
-              f"GMV {_usd(report.gmv_cents)} ({report.gmv_cents} cents), "
-              f"{report.chatbot_queries:,} chatbot queries, in {report.seconds:.1f} s "
-              f"as {report.producer}", flush=True)
-
-
-def _usd(cents: int) -> str:
-    return f"${cents // 100:,}.{cents % 100:02d}"
+        doc = dataclasses.asdict(report)
+        if verdict is not None:
+            doc["verdict"].update(exact=verdict.exact, line=verdict.line())
+        print(orjson.dumps(doc).decode(), flush=True)
+        return
+    print(f"published {report.orders:,} orders in {report.batches:,} batches, "
+          f"GMV {_usd(report.gmv_cents)} ({report.gmv_cents} cents), "
+          f"{report.chatbot_queries:,} chatbot queries, in {report.seconds:.1f} s "
+          f"as {report.producer}", flush=True)
+    print(verdict.line() if verdict else "verdict: none (no flow control)", flush=True)
 
 
 async def _check_broker(broker: BrokerSettings) -> None:

@@ -20,6 +20,7 @@ from simulator.scenario import scenario_names
 from . import app
 from .errors import ConfigError
 from .mqtt import BrokerSettings
+from .wire import PRODUCER_ID
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,6 +61,25 @@ def _origin(text: str) -> str:
     return text
 
 
+def _shard(text: str) -> str:
+    if not (text.isascii() and text.isdecimal()) or str(int(text)) != text:
+        raise argparse.ArgumentTypeError(f"must be a shard number 0, 1, ..., not {text!r}")
+    return text
+
+
+def _natural(text: str) -> int:
+    if not (text.isascii() and text.isdecimal()):
+        raise argparse.ArgumentTypeError(f"must be a whole number 0 or more, not {text!r}")
+    return int(text)
+
+
+def _producer(text: str) -> str:
+    if not PRODUCER_ID.fullmatch(text):
+        raise argparse.ArgumentTypeError(
+            f"must be 1-64 of A-Z a-z 0-9 - _ . : @ (one MQTT topic level), not {text!r}")
+    return text
+
+
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 <= int(text) <= 65535:
         raise argparse.ArgumentTypeError(f"must be 0-65535, not {text!r}")
@@ -82,8 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CA certificate(s) for mqtts:// (default: the system's)")
 
     def control(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--control-token", metavar="TOKEN",
-                       help="token for replay control (or set GMV_CONTROL_TOKEN)")
+        p.add_argument("--control-token-file", metavar="PATH",
+                       help="file holding the replay control token (or set GMV_CONTROL_TOKEN)")
+        # Refused with a reason: a token on the command line shows in `ps`.
+        p.add_argument("--control-token", help=argparse.SUPPRESS)
 
     def playing(p: argparse.ArgumentParser, default_speed: str) -> None:
         p.add_argument("--speed", type=_speed, default=_speed(default_speed),
@@ -92,13 +114,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from", dest="from_", metavar="'MM-DD HH:MM'",
                        help="start there (everything before is published at once)")
         p.add_argument("--loop", action="store_true", help="start again at the end")
-        p.add_argument("--seed", type=int, default=2020)
+        p.add_argument("--seed", type=_natural, default=2020)
         p.add_argument("--order-scale", type=_positive(float, 1.0), default=0.001,
                        help="fraction of the real order count (default 0.001)")
         p.add_argument("--batch-orders", type=_positive(int, 1_000_000), default=10_000,
                        help="orders per batch at most (default 10000)")
         p.add_argument("--encoding", choices=("binary", "json"), default="binary")
-        p.add_argument("--producer", default=None, help="producer id (default: sim-RANDOM)")
+        p.add_argument("--producer", type=_producer, default=None,
+                       help="producer id (default: the --username, else sim-RANDOM)")
+        p.add_argument("--window", type=_positive(int, 100_000), default=200,
+                       help="messages published ahead of what the aggregators have applied "
+                            "(default 200; keep it below the broker's queue limit, "
+                            "Mosquitto's is 1000)")
         p.add_argument("--json", action="store_true", help="print the final report as JSON")
         control(p)
 
@@ -112,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--allowed-origin", action="append", metavar="ORIGIN", type=_origin,
                        help="accept websockets only from this Origin (repeatable), "
                             "e.g. https://screens.example.com (default: any)")
+        p.add_argument("--max-viewers", type=_positive(int, 1_000_000), default=10_000,
+                       help="open websockets at most; more get HTTP 503 (default 10000)")
 
     demo = commands.add_parser("demo", help="broker, simulator, aggregator and ticker in one")
     broker(demo, required=False, embedded=" (default: an embedded broker)")
@@ -147,13 +176,23 @@ def build_parser() -> argparse.ArgumentParser:
     agg = commands.add_parser("aggregate", help="consume orders into numpy totals")
     broker(agg, required=True)
     scenario(agg, "whose window and brand reference data to use")
-    agg.add_argument("--shard", default="0", help="shard name (default 0)")
-    agg.add_argument("--seed", type=int, default=2020, help="the simulator's seed (brand data)")
+    agg.add_argument("--shard", type=_shard, default="0",
+                     help="shard number, 0..N-1 of `gmv serve --shards N` (default 0)")
+    agg.add_argument("--seed", type=_natural, default=2020,
+                     help="the simulator's seed (brand data)")
     agg.add_argument("--brands", type=_positive(int, 2**32 - 1), default=250_000,
                      help="brand ids accepted: 0..N-1 (default 250000)")
-    agg.add_argument("--checkpoint", metavar="PATH", type=Path,
-                     help="checkpoint file: restored on start, written atomically; batches are "
-                          "acknowledged only once checkpointed (default: in memory only)")
+    saving = agg.add_mutually_exclusive_group()
+    saving.add_argument("--checkpoint", metavar="PATH", type=Path,
+                        help="checkpoint file: restored on start, written atomically; batches "
+                             "are acknowledged only once checkpointed (default: "
+                             "~/.local/state/gmv/aggregator-PREFIX-SHARD.ckpt, or under "
+                             "$GMV_STATE_DIR)")
+    saving.add_argument("--no-checkpoint", action="store_true",
+                        help="keep the totals in memory only: a restart starts from zero")
+    agg.add_argument("--max-producers", type=_positive(int, 1_000_000), default=1_000,
+                     help="producer ids to keep sequences for; batches of more are rejected "
+                          "(default 1000)")
     agg.add_argument("--checkpoint-interval", type=_positive(float, 3600), default=1.0,
                      help="seconds between checkpoints at most (default 1)")
     agg.add_argument("--max-unacked", type=_positive(int, 65535), default=16,
@@ -185,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     srv = commands.add_parser("serve", help="serve the ticker page and websocket")
     broker(srv, required=True)
+    srv.add_argument("--shards", type=_positive(int, 4096), default=1,
+                     help="aggregator shards 0..N-1 to merge; totals from any other shard id "
+                          "are ignored and flagged (default 1)")
     scenario(srv, "to compare with the year before")
     serving(srv)
     control(srv)
@@ -199,18 +241,44 @@ def main(argv: list[str] | None = None) -> int:
         if not args.verbose:  # paho logs socket errors that we report ourselves, once
             logging.getLogger("mqtt").setLevel(logging.CRITICAL)
         broker = _broker(args)
-        if hasattr(args, "control_token") and args.control_token is None:
-            args.control_token = os.environ.get("GMV_CONTROL_TOKEN") or None
+        if hasattr(args, "control_token"):
+            args.control_token = _control_token(args)
         return asyncio.run(app.run(args, broker))
-    except ConfigError as exc:
-        print(f"gmv: error: {exc}", file=sys.stderr)
-        return 2
-    except ConnectionError as exc:
-        print(f"gmv: error: {exc}", file=sys.stderr)
-        return 1
-    except (KeyboardInterrupt, asyncio.CancelledError):  # Ctrl-C, or SIGTERM
-        print("gmv: stopped", file=sys.stderr)
-        return 0
+    except (ConfigError, ConnectionError, KeyboardInterrupt, asyncio.CancelledError,
+            BaseExceptionGroup) as exc:
+        # A task group wraps what its tasks raise: report the first thing that went wrong.
+        cause = _first(exc)
+        if isinstance(cause, (KeyboardInterrupt, asyncio.CancelledError)):  # Ctrl-C, SIGTERM
+            print("gmv: stopped", file=sys.stderr)
+            return 0
+        if not isinstance(cause, (ConfigError, ConnectionError)):
+            raise
+        print(f"gmv: error: {cause}", file=sys.stderr)
+        return 2 if isinstance(cause, ConfigError) else 1
+
+
+def _first(exc: BaseException) -> BaseException:
+    """The first error in a (nested) exception group that is a user's or a broker's, if any."""
+    if not isinstance(exc, BaseExceptionGroup):
+        return exc
+    causes = [_first(e) for e in exc.exceptions]
+    return next((c for c in causes if isinstance(c, (ConfigError, ConnectionError))), causes[0])
+
+
+def _control_token(args: argparse.Namespace) -> str | None:
+    if args.control_token is not None:
+        raise ConfigError("--control-token: put the token in a file (--control-token-file) or "
+                          "in GMV_CONTROL_TOKEN; a command line shows in ps")
+    if args.control_token_file:
+        try:
+            token = Path(args.control_token_file).read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--control-token-file={args.control_token_file}: "
+                              f"{getattr(exc, 'strerror', None) or exc}") from None
+        if not token:
+            raise ConfigError(f"--control-token-file={args.control_token_file}: empty")
+        return token
+    return os.environ.get("GMV_CONTROL_TOKEN") or None
 
 
 def _broker(args: argparse.Namespace) -> BrokerSettings | None:

@@ -57,16 +57,28 @@ class BrokerSettings:
 
 @dataclass(frozen=True)
 class Topics:
-    """Versioned topics under one prefix (see docs/wire-format.md)."""
+    """Versioned topics under one prefix (see docs/wire-format.md). A producer's messages
+    travel on topics that name it, so a broker ACL (`pattern write .../%u/#`) can tie the
+    name to its login; the aggregator checks that the payload says the same."""
 
     prefix: str = "gmv/v1"
 
-    def orders(self, partition: int = 0) -> str:
-        return f"{self.prefix}/orders/{partition}"
+    def orders(self, producer: str, partition: int = 0) -> str:
+        return f"{self.prefix}/orders/{producer}/{partition}"
 
-    @property
-    def all_orders(self) -> str:
-        return f"{self.prefix}/orders/+"
+    def chatbot(self, producer: str, partition: int = 0) -> str:
+        return f"{self.prefix}/chatbot/{producer}/{partition}"
+
+    def producer(self, producer: str) -> str:
+        """The producer's retained announcement of how far it got."""
+        return f"{self.prefix}/producers/{producer}"
+
+    def acks(self, shard: str, producer: str) -> str:
+        """A shard's retained word to one producer: how far its sequence is applied."""
+        return f"{self.prefix}/acks/{shard}/{producer}"
+
+    def acks_for(self, producer: str) -> str:
+        return f"{self.prefix}/acks/+/{producer}"
 
     def totals(self, shard: str) -> str:
         return f"{self.prefix}/totals/{shard}"
@@ -74,13 +86,6 @@ class Topics:
     @property
     def all_totals(self) -> str:
         return f"{self.prefix}/totals/+"
-
-    def chatbot(self, partition: int = 0) -> str:
-        return f"{self.prefix}/chatbot/{partition}"
-
-    @property
-    def all_chatbot(self) -> str:
-        return f"{self.prefix}/chatbot/+"
 
     def rejected(self, reason: str) -> str:
         return f"{self.prefix}/rejected/{reason}"
@@ -93,12 +98,13 @@ class Topics:
     def replay(self) -> str:
         return f"{self.prefix}/replay"
 
-    def producer(self, producer: str) -> str:
-        return f"{self.prefix}/producers/{producer}"
-
-    @property
-    def all_producers(self) -> str:
-        return f"{self.prefix}/producers/+"
+    def kind(self, topic: str) -> tuple[str, list[str]]:
+        """("orders" | "chatbot" | "producers" | "acks" | "totals" | "control" | "replay" |
+        "rejected" | "", the levels after it) for a topic under this prefix."""
+        if not topic.startswith(self.prefix + "/"):
+            return "", []
+        kind, *rest = topic[len(self.prefix) + 1:].split("/")
+        return kind, rest
 
 
 @asynccontextmanager
@@ -280,23 +286,31 @@ class ReliablePublisher:
                     max_inflight=self.max_inflight))
 
 
-async def watch_totals(broker: BrokerSettings, topics: Topics,
-                       on_message: Callable[[str, bytes, bool], None], *,
-                       ready: asyncio.Event | None = None) -> None:
-    """Call `on_message(topic, payload, retained)` for every message on the totals topics and
-    the replay status topic. The callee validates (`TickerServer.receive_message`): anything
-    can arrive here, and a retained copy may come from a dead aggregator."""
+async def watch(broker: BrokerSettings, filters: list[str],
+                on_message: Callable[[str, bytes, bool], None], *,
+                ready: asyncio.Event | None = None, role: str = "gmv-watch") -> None:
+    """Call `on_message(topic, payload, retained)` for every message on `filters`, forever,
+    reconnecting as needed. The callee validates: anything can arrive."""
 
     async def session(client: aiomqtt.Client) -> None:
-        await client.subscribe(topics.all_totals, qos=1)
-        await client.subscribe(topics.replay, qos=1)
+        for topic_filter in filters:
+            await client.subscribe(topic_filter, qos=1)
         if ready is not None:
             ready.set()
         async for message in client.messages:
             payload = message.payload if isinstance(message.payload, bytes) else b""
             on_message(message.topic.value, payload, bool(message.retain))
 
-    await reconnecting(broker, unique_client_id("gmv-server"), session)
+    await reconnecting(broker, unique_client_id(role), session)
+
+
+async def watch_totals(broker: BrokerSettings, topics: Topics,
+                       on_message: Callable[[str, bytes, bool], None], *,
+                       ready: asyncio.Event | None = None) -> None:
+    """The totals topics and the replay status, for the ticker server
+    (`TickerServer.receive_message`). A retained copy may come from a dead aggregator."""
+    await watch(broker, [topics.all_totals, topics.replay], on_message, ready=ready,
+                role="gmv-server")
 
 
 async def watch_control(broker: BrokerSettings, topics: Topics,

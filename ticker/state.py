@@ -5,85 +5,178 @@ the number of brands, minutes, countries and platforms, never by the number of o
 250,000 brands x 2 arrays + 15,840 minutes x 2 + a few dozen cells = about 4.3 MB.
 Applying a batch of n orders costs three `np.add.at` scatters and one `np.bincount`
 (O(n), no Python loop per order); the minute total is one scalar add because a batch
-belongs to one minute. Money stays integer cents: the largest batch the limits admit
-(max_batch_orders x max_order_cents = 1e14) cannot overflow int64 (9.2e18).
+belongs to one minute. Money stays integer cents: a batch that would take the GMV past
+`wire.MAX_TOTAL` (2^53 - 1) is refused, and every array cell is at most the GMV, so no int64
+can overflow and every figure is exact as a JavaScript number on the page.
 
 Invariants:
-* a batch is applied whole or not at all (it arrives already validated by `wire.decode`);
-* each (producer, seq) is applied at most once: `Watermarks` tracks what has been seen,
+* a batch is applied whole or not at all (it arrives validated by `wire.decode`; the bounds
+  checked here are checked before anything changes);
+* each (producer, seq) is applied at most once: `Watermarks` tracks what has been applied,
   so at-least-once redelivery never double counts, and missing sequence numbers are
-  reported as gaps instead of passing silently.
+  reported as gaps instead of passing silently;
+* what any producer sends has a bound: at most `max_producers` producers, each with at most
+  `max_seq_holes` runs of missing seqs, none jumping more than `max_seq_jump` ahead. So the
+  state stays a few megabytes and the totals message is the same size whatever they send.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .wire import ChatbotCount, Limits, OrderBatch
+from .wire import MAX_SEQ, MAX_TOTAL, BatchError, ChatbotCount, Limits, OrderBatch
 
 
 @dataclass
-class _ProducerSeqs:
+class Producer:
+    """One producer's sequence and what of it is applied. Memory is bounded by the number of
+    holes (runs of missing seqs), not by how far the sequence has gone."""
+
     next_seq: int = 0  # every seq below this has been applied
-    ahead: set[int] = field(default_factory=set)  # applied seqs above next_seq
-    max_seen: int = -1
+    starts: list[int] = field(default_factory=list)  # applied runs above next_seq:
+    ends: list[int] = field(default_factory=list)    # [starts[i], ends[i]), sorted, disjoint
+    max_seen: int = -1  # the highest seq applied or announced
+    ahead: int = 0  # how many seqs the runs hold
+    # What this producer's batches added since the state began or was last reset.
+    orders: int = 0
+    gmv_cents: int = 0
+    chatbot_queries: int = 0
 
     @property
     def missing(self) -> int:
-        return self.max_seen + 1 - self.next_seq - len(self.ahead)
+        return self.max_seen + 1 - self.next_seq - self.ahead
+
+    def has(self, seq: int) -> bool:
+        if seq < self.next_seq:
+            return True
+        i = bisect_right(self.starts, seq) - 1
+        return i >= 0 and seq < self.ends[i]
+
+    def opens_hole(self, seq: int) -> bool:
+        """Would marking `seq` start a new run (it touches neither next_seq nor a run)?"""
+        if seq == self.next_seq:
+            return False
+        i = bisect_right(self.starts, seq)
+        return not ((i > 0 and self.ends[i - 1] == seq)
+                    or (i < len(self.starts) and self.starts[i] == seq + 1))
+
+    def mark(self, seq: int) -> None:
+        """Record `seq` (not yet applied) as applied."""
+        self.max_seen = max(self.max_seen, seq)
+        if seq == self.next_seq:
+            self.next_seq += 1
+            if self.starts and self.starts[0] == self.next_seq:
+                self.next_seq = self.ends.pop(0)
+                self.ahead -= self.next_seq - self.starts.pop(0)
+            return
+        self.ahead += 1
+        i = bisect_right(self.starts, seq)
+        joins_left = i > 0 and self.ends[i - 1] == seq
+        joins_right = i < len(self.starts) and self.starts[i] == seq + 1
+        if joins_left and joins_right:
+            self.ends[i - 1] = self.ends.pop(i)
+            del self.starts[i]
+        elif joins_left:
+            self.ends[i - 1] = seq + 1
+        elif joins_right:
+            self.starts[i] = seq
+        else:
+            self.starts.insert(i, seq)
+            self.ends.insert(i, seq + 1)
+
+    def dump(self) -> list[int]:
+        return [self.next_seq, self.max_seen, self.orders, self.gmv_cents, self.chatbot_queries,
+                *(x for run in zip(self.starts, self.ends) for x in run)]
+
+    @classmethod
+    def from_dump(cls, values: list) -> Producer:
+        """The inverse of `dump`; raises ValueError on anything it would not have written."""
+        if not isinstance(values, list) or len(values) < 5 or len(values) % 2 == 0 \
+                or any(type(v) is not int for v in values):
+            raise ValueError("a producer is a list of 5 + 2k integers")
+        next_seq, max_seen, orders, gmv, queries, *runs = values
+        p = cls(next_seq, runs[0::2], runs[1::2], max_seen, 0, orders, gmv, queries)
+        bounds = [next_seq, *runs]
+        if not 0 <= next_seq <= max_seen + 1 <= MAX_SEQ + 1 or min(orders, gmv, queries) < 0 \
+                or any(a >= b for a, b in zip(bounds, bounds[1:])) \
+                or (runs and runs[-1] > max_seen + 1):
+            raise ValueError("producer sequence runs are out of order or out of range")
+        p.ahead = sum(e - s for s, e in zip(p.starts, p.ends))
+        return p
 
 
 class Watermarks:
-    """Per-producer record of applied sequence numbers: dedup and gap detection."""
+    """Per-producer record of applied sequence numbers: dedup, gap counting, and the bounds
+    that keep it small whatever producers send (`Limits.max_producers`, `max_seq_jump`,
+    `max_seq_holes`)."""
 
-    def __init__(self) -> None:
-        self._producers: dict[str, _ProducerSeqs] = {}
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.producers: dict[str, Producer] = {}
+        self.gaps = 0  # sum of every producer's `missing`, kept up to date
+        self.changed: set[str] = set()  # producers whose acknowledgement is due
 
-    def knows(self, producer: str) -> bool:
-        return producer in self._producers
-
-    def announce(self, producer: str, last_seq: int) -> None:
-        """A producer says it has published up to `last_seq`: anything missing below is a gap,
-        including a lost tail that no later batch would reveal."""
-        p = self._producers.setdefault(producer, _ProducerSeqs())
-        p.max_seen = max(p.max_seen, last_seq)
+    def get(self, producer: str) -> Producer | None:
+        return self.producers.get(producer)
 
     def seen(self, producer: str, seq: int) -> bool:
-        p = self._producers.get(producer)
-        return p is not None and (seq < p.next_seq or seq in p.ahead)
+        p = self.producers.get(producer)
+        return p is not None and p.has(seq)
 
-    def mark(self, producer: str, seq: int) -> None:
-        p = self._producers.setdefault(producer, _ProducerSeqs())
-        p.max_seen = max(p.max_seen, seq)
-        if seq == p.next_seq:
-            p.next_seq += 1
-            while p.next_seq in p.ahead:
-                p.ahead.remove(p.next_seq)
-                p.next_seq += 1
-        else:
-            p.ahead.add(seq)
+    def admit(self, producer: str, seq: int) -> None:
+        """Raise BatchError unless `seq` (not yet applied) may be applied within the bounds."""
+        p = self.producers.get(producer)
+        if p is None:
+            if len(self.producers) >= self.limits.max_producers:
+                raise BatchError("too_many_producers", f"{producer!r} would be producer "
+                                 f"{len(self.producers) + 1}; max_producers="
+                                 f"{self.limits.max_producers}")
+            p = Producer()
+        highest = max(p.max_seen, p.next_seq - 1)
+        if seq > highest + self.limits.max_seq_jump:
+            raise BatchError("seq_jump", f"seq={seq} is more than max_seq_jump="
+                             f"{self.limits.max_seq_jump} past {producer!r}'s highest {highest}")
+        if len(p.starts) >= self.limits.max_seq_holes and p.opens_hole(seq):
+            raise BatchError("seq_holes", f"{producer!r} already has max_seq_holes="
+                             f"{self.limits.max_seq_holes} runs of missing seqs")
 
-    @property
-    def gaps(self) -> int:
-        """Sequence numbers below some producer's newest that have not arrived (yet)."""
-        return sum(p.missing for p in self._producers.values())
+    def mark(self, producer: str, seq: int) -> Producer:
+        """Record an admitted `seq` as applied; the producer's record."""
+        p = self.producers.setdefault(producer, Producer())
+        before = p.missing
+        p.mark(seq)
+        self.gaps += p.missing - before
+        self.changed.add(producer)
+        return p
 
-    def as_dict(self) -> dict[str, int]:
-        return {name: p.next_seq for name, p in self._producers.items()}
+    def announce(self, producer: str, last_seq: int) -> bool:
+        """A producer says it has published up to `last_seq`: anything missing below is a gap,
+        including a lost tail that no later batch would reveal. False if not taken: a producer
+        this state never heard from (an earlier run's retained word), or a jump past bounds."""
+        p = self.producers.get(producer)
+        if p is None or last_seq > max(p.max_seen, p.next_seq - 1) + self.limits.max_seq_jump:
+            return False
+        if last_seq > p.max_seen:
+            self.gaps += last_seq - p.max_seen
+            p.max_seen = last_seq
+            self.changed.add(producer)
+        return True
 
     def dump(self) -> dict[str, list[int]]:
-        """Everything needed to rebuild the watermarks: next_seq, max_seen, then `ahead`."""
-        return {name: [p.next_seq, p.max_seen, *sorted(p.ahead)]
-                for name, p in self._producers.items()}
+        return {name: p.dump() for name, p in self.producers.items()}
 
     @classmethod
-    def from_dump(cls, dump: dict[str, list[int]]) -> Watermarks:
-        marks = cls()
-        for name, (next_seq, max_seen, *ahead) in dump.items():
-            marks._producers[name] = _ProducerSeqs(next_seq, set(ahead), max_seen)
+    def from_dump(cls, dump: dict, limits: Limits) -> Watermarks:
+        if not isinstance(dump, dict) or len(dump) > limits.max_producers:
+            raise ValueError(f"watermarks: an object of at most {limits.max_producers} producers")
+        marks = cls(limits)
+        for name, values in dump.items():
+            marks.producers[name] = p = Producer.from_dump(values)
+            marks.gaps += p.missing
         return marks
 
 
@@ -130,6 +223,12 @@ class AggregateState:
                              f"expected ({limits.n_brands},)")
         self.limits = limits
         self.first_time = first_time
+        self.watermarks = Watermarks(limits)
+        self.resets = 0
+        self._zero()
+
+    def _zero(self) -> None:
+        limits = self.limits
         self.gmv_by_brand = np.zeros(limits.n_brands, np.int64)
         self.orders_by_brand = np.zeros(limits.n_brands, np.int64)
         self.gmv_by_minute = np.zeros(limits.n_minutes, np.int64)
@@ -148,16 +247,28 @@ class AggregateState:
         self.latest_minute = -1
         self.duplicates = 0
         self.rejected: Counter[str] = Counter()
-        self.watermarks = Watermarks()
+
+    def reset(self) -> None:
+        """Totals back to zero (an operator's reset, before a replay starts again). The
+        sequence watermarks stay, so nothing applied before can be applied again; each
+        producer's own totals restart from zero with the shard's."""
+        self._zero()
+        self.resets += 1
+        for name, p in self.watermarks.producers.items():
+            p.orders = p.gmv_cents = p.chatbot_queries = 0
+            self.watermarks.changed.add(name)
 
     def apply(self, batch: OrderBatch, now_us: int | None = None) -> bool:
         """Add a validated batch; False (and counted) if this (producer, seq) was applied.
+        Raises BatchError, changing nothing, if a bound would be passed.
         `now_us`: the adapter's wall clock, to measure the latency of stamped batches."""
-        if self.watermarks.seen(batch.producer, batch.seq):
-            self.duplicates += 1
+        if self._duplicate(batch.producer, batch.seq):
             return False
         amount, n = batch.amount_cents, len(batch)
         batch_gmv = int(amount.sum())
+        # Each order is at least a cent, so bounding the GMV bounds every count as well.
+        if self.gmv_cents + batch_gmv > MAX_TOTAL:
+            raise BatchError("total_overflow", f"GMV would pass {MAX_TOTAL} cents")
         np.add.at(self.gmv_by_brand, batch.brand, amount)
         np.add.at(self.orders_by_brand, batch.brand, 1)
         np.add.at(self.gmv_by_country, batch.country, amount)
@@ -171,43 +282,74 @@ class AggregateState:
         self.orders += n
         self.batches += 1
         self.latest_minute = max(self.latest_minute, batch.minute)
-        self.watermarks.mark(batch.producer, batch.seq)
+        producer = self.watermarks.mark(batch.producer, batch.seq)
+        producer.orders += n
+        producer.gmv_cents += batch_gmv
         if batch.sent_at_us and now_us is not None:
             self.latency.add(now_us - batch.sent_at_us)
             self.newest_sent_at_us = max(self.newest_sent_at_us, batch.sent_at_us)
         return True
 
     def apply_chatbot(self, event: ChatbotCount) -> bool:
-        """Add a chatbot query count; False (and counted) if already applied."""
-        key = f"{event.producer}#chatbot"  # its own sequence, beside the producer's orders
-        if self.watermarks.seen(key, event.seq):
-            self.duplicates += 1
+        """Add a chatbot query count; False (and counted) if its (producer, seq) was applied."""
+        if self._duplicate(event.producer, event.seq):
             return False
+        if self.chatbot_queries + event.queries > MAX_TOTAL:
+            raise BatchError("total_overflow", f"chatbot queries would pass {MAX_TOTAL}")
         self.chatbot_queries += event.queries
         self.latest_minute = max(self.latest_minute, event.minute)
-        self.watermarks.mark(key, event.seq)
+        self.watermarks.mark(event.producer, event.seq).chatbot_queries += event.queries
         return True
 
+    def _duplicate(self, producer: str, seq: int) -> bool:
+        """True (and counted) if applied already; BatchError if `seq` passes a bound."""
+        if self.watermarks.seen(producer, seq):
+            self.duplicates += 1
+            return True
+        self.watermarks.admit(producer, seq)
+        return False
+
     def reject(self, reason: str) -> None:
-        """Count a batch that `wire.decode` refused; the totals are untouched."""
+        """Count a message that was refused; the totals are untouched."""
         self.rejected[reason] += 1
+
+    def take_acks(self) -> list[dict[str, object]]:
+        """What each producer changed since the last call needs to hear: how far its sequence
+        is applied, and what its batches added (the producer compares it with what it sent)."""
+        acks = []
+        for name in sorted(self.watermarks.changed):
+            p = self.watermarks.producers[name]
+            acks.append({"producer": name, "next_seq": p.next_seq, "max_seen": p.max_seen,
+                         "gaps": p.missing, "orders": p.orders, "gmv_cents": p.gmv_cents,
+                         "chatbot_queries": p.chatbot_queries, "resets": self.resets})
+        self.watermarks.changed.clear()
+        return acks
+
+    _SCALARS = ("gmv_cents", "orders", "batches", "latest_minute", "duplicates",
+                "chatbot_queries", "resets")
 
     def scalars(self) -> dict[str, object]:
         """The non-array part of the state, for checkpoints."""
-        return {"gmv_cents": self.gmv_cents, "orders": self.orders, "batches": self.batches,
-                "chatbot_queries": self.chatbot_queries,
-                "latest_minute": self.latest_minute, "duplicates": self.duplicates,
+        return {**{name: getattr(self, name) for name in self._SCALARS},
                 "rejected": dict(self.rejected), "watermarks": self.watermarks.dump()}
 
     def restore_scalars(self, scalars: dict) -> None:
-        for name in ("gmv_cents", "orders", "batches", "latest_minute", "duplicates",
-                     "chatbot_queries"):
-            setattr(self, name, int(scalars[name]))
-        self.rejected = Counter(scalars["rejected"])
-        self.watermarks = Watermarks.from_dump(scalars["watermarks"])
+        """The inverse of `scalars`; raises ValueError on anything it would not have written."""
+        for name in self._SCALARS:
+            value = scalars[name]
+            if type(value) is not int or not -1 <= value <= MAX_TOTAL:
+                raise ValueError(f"{name}={value!r}: not a count")
+            setattr(self, name, value)
+        rejected = scalars["rejected"]
+        if not isinstance(rejected, dict) or len(rejected) > 64 \
+                or any(type(v) is not int or v < 0 for v in rejected.values()):
+            raise ValueError("rejected: not an object of counts")
+        self.rejected = Counter(rejected)
+        self.watermarks = Watermarks.from_dump(scalars["watermarks"], self.limits)
 
     def snapshot(self) -> dict[str, object]:
-        """The shard's totals as plain JSON-able values (what goes on the totals topic)."""
+        """The shard's totals as plain JSON-able values (what goes on the totals topic). Its
+        size does not depend on the number of producers: they hear from their acks."""
         minute = self.latest_minute
         return {
             "gmv_cents": self.gmv_cents,
@@ -226,9 +368,9 @@ class AggregateState:
             "platform_orders": self.orders_by_platform.tolist(),
             "batches": self.batches,
             "duplicates": self.duplicates,
-            "gaps": self.watermarks.gaps,
+            "gaps": min(self.watermarks.gaps, MAX_TOTAL),
             "rejected": dict(self.rejected),
-            "producers": self.watermarks.as_dict(),
+            "producers": len(self.watermarks.producers),
             "latency_ms": self.latency.percentiles(),
             "newest_sent_at_us": self.newest_sent_at_us,
             # The last RECENT_MINUTES minutes' GMV, so a watcher can place an event (passing

@@ -12,10 +12,13 @@ Two encodings, told apart by their first bytes (see docs/wire-format.md):
 
 `decode` either returns a fully valid `OrderBatch` or raises `BatchError` with a short reason
 code (``BatchError.reason``) used to count rejections. It never applies anything partially.
+Every number a producer sends has a bound here, so no valid message can overflow a total,
+and JSON is screened before parsing so that its memory stays proportional to its size.
 """
 
 from __future__ import annotations
 
+import re
 import struct
 from dataclasses import dataclass
 
@@ -30,7 +33,14 @@ FLAG_SENT_AT = 0x01  # an int64 send time (microseconds since the epoch) follows
 _SENT_AT = struct.Struct("<q")
 
 MAX_PRODUCER_LEN = 64
-MAX_SEQ = 2**63 - 1
+# A producer id is one MQTT topic level (orders/{producer}/{partition}) that a broker ACL can
+# tie to the MQTT user name, so it holds none of / + # or NUL: letters, digits and - _ . : @
+PRODUCER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+# 2^53 - 1: exact as a JavaScript number, and no sum of sequence numbers overflows int64.
+MAX_SEQ = 2**53 - 1
+MAX_TOTAL = 2**53 - 1  # cents, orders or queries in any total (USD 90 trillion)
+MAX_SENT_AT_US = 2**53 - 1  # microseconds since the epoch: the year 2255
+_BINARY_BYTES_PER_ORDER = 8 + 4 + 1 + 1
 
 
 class BatchError(ValueError):
@@ -51,10 +61,17 @@ class Limits:
     n_platforms: int
     max_batch_orders: int = 1_000_000
     max_order_cents: int = 100_000_000  # USD 1M for one order is already absurd
+    max_producers: int = 1_000  # producer ids one aggregator keeps sequences for
+    max_seq_jump: int = 1_000_000  # how far past its highest seq a producer may jump
+    max_seq_holes: int = 1_000  # runs of missing seqs tracked per producer
+    # Parsing JSON peaks at ~16x its size (orjson, measured), so JSON batches get a budget of
+    # their own: 4 MiB holds ~130,000 orders; bigger batches are binary's job.
+    max_json_bytes: int = 4 * 2**20
 
     def __post_init__(self) -> None:
         for name in ("n_brands", "n_minutes", "n_countries", "n_platforms",
-                     "max_batch_orders", "max_order_cents"):
+                     "max_batch_orders", "max_order_cents", "max_producers", "max_seq_jump",
+                     "max_seq_holes", "max_json_bytes"):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
@@ -65,9 +82,14 @@ class Limits:
                              "so that no batch sum can overflow int64")
 
     @property
+    def max_binary_bytes(self) -> int:
+        return _HEADER.size + _SENT_AT.size + MAX_PRODUCER_LEN + \
+            self.max_batch_orders * _BINARY_BYTES_PER_ORDER
+
+    @property
     def max_payload_bytes(self) -> int:
-        # A JSON column of n integers needs at most ~21 bytes per value.
-        return 4096 + self.max_batch_orders * 64
+        """The largest payload of either encoding."""
+        return max(self.max_binary_bytes, self.max_json_bytes)
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,7 +113,8 @@ class OrderBatch:
 
 @dataclass(frozen=True)
 class ChatbotCount:
-    """Customer-service chatbot queries answered in one simulated minute: its own stream."""
+    """Customer-service chatbot queries answered in one simulated minute. A count shares its
+    producer's sequence numbers with the producer's order batches."""
 
     producer: str
     seq: int
@@ -109,18 +132,8 @@ def encode_chatbot(event: ChatbotCount) -> bytes:
 
 def decode_chatbot(payload: bytes, limits: Limits) -> ChatbotCount:
     """Parse and validate one chatbot count (JSON only), or raise `BatchError`."""
-    if len(payload) > 4096:
-        raise BatchError("oversized", f"{len(payload)} bytes > 4096")
-    try:
-        doc = orjson.loads(payload)
-    except orjson.JSONDecodeError as exc:
-        raise BatchError("bad_json", str(exc)) from None
-    if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != VERSION:
-        raise BatchError("bad_version", f"v={doc.get('v') if isinstance(doc, dict) else doc!r}")
-    producer = doc.get("producer")
-    if not isinstance(producer, str) or not 0 < len(producer) <= MAX_PRODUCER_LEN \
-            or not producer.isprintable():
-        raise BatchError("bad_producer", f"producer={producer!r}")
+    doc = _small_json(payload)
+    producer = _producer(doc.get("producer"))
     values = {name: doc.get(name) for name in ("seq", "minute", "queries")}
     for name, value in values.items():
         if type(value) is not int:
@@ -130,6 +143,53 @@ def decode_chatbot(payload: bytes, limits: Limits) -> ChatbotCount:
     if not 0 <= values["queries"] <= MAX_CHATBOT_QUERIES:
         raise BatchError("bad_amount", f"queries={values['queries']}")
     return ChatbotCount(producer, **values)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """A producer's word on how far it got: every seq up to `last_seq` was published, so any
+    of them missing is a gap (a lost tail included)."""
+
+    producer: str
+    last_seq: int
+
+
+def decode_announcement(payload: bytes) -> Announcement:
+    """Parse `{"v": 1, "producer": ID, "last_seq": N, ...}`, or raise `BatchError`."""
+    doc = _small_json(payload)
+    last_seq = doc.get("last_seq")
+    if type(last_seq) is not int or not -1 <= last_seq <= MAX_SEQ:
+        raise BatchError("out_of_range", f"last_seq={last_seq!r}: must be -1..{MAX_SEQ}")
+    return Announcement(_producer(doc.get("producer")), last_seq)
+
+
+def _small_json(payload: bytes, limit: int = 4096) -> dict:
+    """A small flat JSON object with `v` = 1 (chatbot counts, announcements)."""
+    if len(payload) > limit:
+        raise BatchError("oversized", f"{len(payload)} bytes > {limit}")
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise BatchError("bad_json", str(exc)) from None
+    if not isinstance(doc, dict) or type(doc.get("v")) is not int or doc["v"] != VERSION:
+        raise BatchError("bad_version", f"v={doc.get('v') if isinstance(doc, dict) else doc!r}")
+    return doc
+
+
+def _producer(value: object) -> str:
+    if not isinstance(value, str) or not PRODUCER_ID.fullmatch(value):
+        raise BatchError("bad_producer", f"producer={value!r}: must be 1-{MAX_PRODUCER_LEN} of "
+                                         "A-Z a-z 0-9 - _ . : @")
+    return value
+
+
+def dead_letter(reason: str, detail: str, topic: str, payload: bytes, head: int = 512) -> bytes:
+    """What goes on the dead-letter topic: the reason and a bounded head of the payload, so a
+    rejected 64 MB payload costs the broker half a kilobyte, not 64 MB again."""
+    return orjson.dumps({"v": VERSION, "reason": reason, "detail": detail[:300], "topic": topic,
+                         "size": len(payload),
+                         "head": payload[:head].decode("utf-8", "backslashreplace"),
+                         "truncated": len(payload) > head})
 
 
 def encode(batch: OrderBatch, *, binary: bool = True) -> bytes:
@@ -165,6 +225,9 @@ def decode(payload: bytes, limits: Limits) -> OrderBatch:
     if payload[:4] == MAGIC:
         batch = _decode_binary(payload, limits)
     elif payload.lstrip()[:1] == b"{":
+        if len(payload) > limits.max_json_bytes:
+            raise BatchError("oversized", f"{len(payload)} bytes > max_json_bytes="
+                             f"{limits.max_json_bytes}; send large batches as binary")
         batch = _decode_json(payload, limits)
     else:
         raise BatchError("unknown_encoding", f"first bytes {payload[:8]!r}")
@@ -184,16 +247,13 @@ def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
         raise BatchError("oversized", f"{n} orders > {limits.max_batch_orders}")
     start = _HEADER.size + (_SENT_AT.size if flags else 0)  # the producer id starts here
     offset = start + plen + (-plen % 8)
-    expected = offset + n * (8 + 4 + 1 + 1)
+    expected = offset + n * _BINARY_BYTES_PER_ORDER
     if len(payload) != expected:
         raise BatchError("bad_length", f"{len(payload)} bytes, {n} orders need {expected}")
     sent_at = _SENT_AT.unpack_from(payload, _HEADER.size)[0] if flags else 0
-    if sent_at < 0:
-        raise BatchError("out_of_range", f"sent_at_us={sent_at}")
-    try:
-        producer = payload[start:start + plen].decode()
-    except UnicodeDecodeError:
-        raise BatchError("bad_producer", "producer id is not UTF-8") from None
+    if not 0 <= sent_at <= MAX_SENT_AT_US:
+        raise BatchError("out_of_range", f"sent_at_us={sent_at}: must be 0..{MAX_SENT_AT_US}")
+    producer = payload[start:start + plen].decode("ascii", "replace")  # checked in _check_values
     if payload[start + plen:offset].strip(b"\0"):
         raise BatchError("bad_length", "padding after the producer id must be NUL bytes")
     columns = {}
@@ -205,6 +265,11 @@ def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
 
 
 def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
+    # A batch is one flat object with four arrays of integers. Refusing anything more nested
+    # before parsing bounds the memory: 64 MB of "[[],[],..." would otherwise become 2 GB of
+    # Python lists. (Brackets inside strings count too; a producer id holds none.)
+    if payload.count(b"{") > 1 or payload.count(b"[") > len(_COLUMNS):
+        raise BatchError("too_nested", "a JSON batch is one object holding four flat arrays")
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -218,8 +283,8 @@ def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
     for name, value in (("seq", seq), ("minute", minute), ("sent_at_us", sent_at)):
         if type(value) is not int:
             raise BatchError("bad_type", f"{name}={value!r} is not an integer")
-    if not 0 <= sent_at < 2**63:
-        raise BatchError("out_of_range", f"sent_at_us={sent_at}")
+    if not 0 <= sent_at <= MAX_SENT_AT_US:
+        raise BatchError("out_of_range", f"sent_at_us={sent_at}: must be 0..{MAX_SENT_AT_US}")
     columns = {}
     for name, dtype in _COLUMNS:
         column = doc.get(name)
@@ -245,11 +310,9 @@ def _check_values(batch: OrderBatch, limits: Limits) -> None:
         raise BatchError("unequal_columns", "columns differ in length")
     if n == 0:
         raise BatchError("empty", "a batch holds at least one order")
-    if not 0 < len(batch.producer) <= MAX_PRODUCER_LEN or not batch.producer.isprintable():
-        raise BatchError("bad_producer",
-                         f"producer id must be 1-{MAX_PRODUCER_LEN} printable characters")
+    _producer(batch.producer)
     if not 0 <= batch.seq <= MAX_SEQ:
-        raise BatchError("out_of_range", f"seq={batch.seq}")
+        raise BatchError("out_of_range", f"seq={batch.seq}: must be 0..{MAX_SEQ}")
     if not 0 <= batch.minute < limits.n_minutes:
         raise BatchError("out_of_range", f"minute={batch.minute} outside 0..{limits.n_minutes - 1}")
     amount = batch.amount_cents
