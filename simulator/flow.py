@@ -37,6 +37,7 @@ class ShardAck:
     gmv_cents: int
     chatbot_queries: int
     resets: int
+    state: str  # the shard's state id: another id in its totals means it started over
 
     @classmethod
     def parse(cls, payload: bytes) -> ShardAck | None:
@@ -46,9 +47,11 @@ class ShardAck:
             values = {name: doc[name] for name in cls.__dataclass_fields__}
         except (orjson.JSONDecodeError, KeyError, TypeError):
             return None
-        if any(type(v) is not int or not -1 <= v <= MAX_TOTAL for v in values.values()):
+        state = values.pop("state")
+        if any(type(v) is not int or not -1 <= v <= MAX_TOTAL for v in values.values()) \
+                or not isinstance(state, str) or len(state) > 64:
             return None
-        return cls(**values)
+        return cls(**values, state=state)
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,23 @@ class Verdict:
         return f"verdict: MISMATCH ({why}): {published}; aggregators {applied}"
 
 
+class ShardForgot(Exception):
+    """A shard that acknowledged us in this run now runs another state: it restarted without
+    its checkpoint (`--no-checkpoint`), so what it had applied is gone and nothing it holds
+    of ours will be redelivered: this pass cannot end exact."""
+
+
 def usd(cents: int) -> str:
     sign, cents = ("-", -cents) if cents < 0 else ("", cents)
     return f"{sign}${cents // 100:,}.{cents % 100:02d}"
+
+
+def _state_in(totals: bytes) -> str | None:
+    try:
+        state = orjson.loads(totals).get("state")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return state if isinstance(state, str) else None
 
 
 class AckWindow:
@@ -93,19 +110,40 @@ class AckWindow:
         self.topics, self.producer, self.window = topics, producer, window
         self.acks: dict[str, ShardAck] = {}
         self.alive_at: dict[str, float] = {}
+        self.state_of: dict[str, str] = {}  # each running shard's state id, from its totals
+        self.heard: set[str] = set()  # shards that acknowledged us since `begin`
+        self.forgot: set[str] = set()  # of those, shards now running another state
         self.start_seq = 0
         self.baseline = (0, 0)  # (orders, cents) the shards held for us before this pass
 
     def receive(self, topic: str, payload: bytes, retained: bool, now: float) -> None:
         kind, rest = self.topics.kind(topic)
         if len(rest) == 1 and kind == "totals" and not retained:
-            self.alive_at[rest[0]] = now
+            shard = rest[0]
+            self.alive_at[shard] = now
+            state = _state_in(payload)
+            if state is not None:
+                self.state_of[shard] = state
+                self._compare(shard)
         elif kind == "acks" and rest[1:] == [self.producer]:
             ack = ShardAck.parse(payload)
             if ack is not None:
                 self.acks[rest[0]] = ack
                 if not retained:
                     self.alive_at[rest[0]] = now
+                    self.heard.add(rest[0])
+                self._compare(rest[0])
+
+    def _compare(self, shard: str) -> None:
+        """A shard's ack from another state than the one it runs: from this run, it forgot us;
+        from before (a retained copy), it simply does not know us."""
+        ack, state = self.acks.get(shard), self.state_of.get(shard)
+        if ack is None or state is None or ack.state == state:
+            return
+        if shard in self.heard:
+            self.forgot.add(shard)
+        else:
+            del self.acks[shard]
 
     def shards(self, now: float) -> set[str]:
         """The shards to wait for: every one running, and every one that ever acknowledged us
@@ -183,6 +221,11 @@ class FlowControl:
         said, start = False, self._now()
         last_news = start
         while not done():
+            if self.acks.forgot:
+                raise ShardForgot(
+                    f"shard {', '.join(sorted(self.acks.forgot))} restarted without its "
+                    f"checkpoint and lost what it had applied of {self.acks.producer!r}: "
+                    "stopping this replay (run gmv aggregate with its checkpoint)")
             self._news.clear()
             try:
                 await asyncio.wait_for(self._news.wait(), self.patience / 5)

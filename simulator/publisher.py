@@ -30,7 +30,7 @@ from ticker.dimensions import Window
 from ticker.mqtt import ReliablePublisher, Topics
 from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
-from .flow import FlowControl, Verdict
+from .flow import FlowControl, ShardForgot, Verdict
 from .playback import PlaybackClock
 from .scenario import Scenario
 
@@ -121,6 +121,19 @@ class Replay:
             self.seq = await self.flow.start()
         start = self._now()
         await self._status()
+        try:
+            await self._play(progress)
+        except ShardForgot as exc:
+            self.say(str(exc))
+            assert self.flow is not None
+            self.report.verdict = self.flow.verdict(self.seq, self.report.orders,
+                                                    self.report.gmv_cents)
+        self._state = "done"
+        await self._status()
+        self.report.seconds = self._now() - start
+        return self.report
+
+    async def _play(self, progress: Callable[[PublishReport], None] | None) -> None:
         while True:
             if self._restart_to is not None:
                 target, self._restart_to = self._restart_to, None
@@ -138,10 +151,6 @@ class Replay:
             if progress is not None:
                 progress(self.report)
         await self._end_pass()
-        self._state = "done"
-        await self._status()
-        self.report.seconds = self._now() - start
-        return self.report
 
     async def _end_pass(self) -> None:
         """Announce where the sequence ended; with flow control, wait for the aggregators to

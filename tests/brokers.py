@@ -140,3 +140,18 @@ def database_size(broker: MosquittoProcess) -> int:
     with contextlib.suppress(FileNotFoundError):
         return os.stat(broker.database).st_size
     return 0
+
+
+@contextlib.contextmanager
+def stock_mosquitto() -> Iterator[BrokerSettings]:
+    """Mosquitto as users have it: `mosquitto -p PORT`, no config file, so its defaults hold
+    (1,000 queued messages and 20 in flight a client, no persistence; loopback only)."""
+    port = free_port()
+    proc = subprocess.Popen([MOSQUITTO, "-p", str(port)], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(port)
+        yield BrokerSettings("127.0.0.1", port)
+    finally:
+        proc.kill()
+        proc.wait(10)

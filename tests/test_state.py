@@ -219,7 +219,7 @@ def test_reset_zeroes_the_totals_but_keeps_the_sequences():
     assert state.apply(batch(1, 1, [7], [2])) and state.gmv_cents == 7
     [ack] = state.take_acks()
     assert ack == {"producer": "p", "next_seq": 2, "max_seen": 1, "gaps": 0, "orders": 1,
-                   "gmv_cents": 7, "chatbot_queries": 0, "resets": 1}
+                   "gmv_cents": 7, "chatbot_queries": 0, "resets": 1, "state": state.state_id}
 
 
 def test_acks_name_only_the_producers_that_changed():

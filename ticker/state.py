@@ -22,6 +22,7 @@ Invariants:
 
 from __future__ import annotations
 
+import secrets
 from bisect import bisect_right
 from collections import Counter
 from dataclasses import dataclass, field
@@ -225,6 +226,9 @@ class AggregateState:
         self.first_time = first_time
         self.watermarks = Watermarks(limits)
         self.resets = 0
+        # Names this state across checkpoints and resets: a producer that sees a shard's
+        # totals under another id knows the shard started again from nothing.
+        self.state_id = secrets.token_hex(8)
         self._zero()
 
     def _zero(self) -> None:
@@ -321,7 +325,8 @@ class AggregateState:
             p = self.watermarks.producers[name]
             acks.append({"producer": name, "next_seq": p.next_seq, "max_seen": p.max_seen,
                          "gaps": p.missing, "orders": p.orders, "gmv_cents": p.gmv_cents,
-                         "chatbot_queries": p.chatbot_queries, "resets": self.resets})
+                         "chatbot_queries": p.chatbot_queries, "resets": self.resets,
+                         "state": self.state_id})
         self.watermarks.changed.clear()
         return acks
 
@@ -331,7 +336,8 @@ class AggregateState:
     def scalars(self) -> dict[str, object]:
         """The non-array part of the state, for checkpoints."""
         return {**{name: getattr(self, name) for name in self._SCALARS},
-                "rejected": dict(self.rejected), "watermarks": self.watermarks.dump()}
+                "state_id": self.state_id, "rejected": dict(self.rejected),
+                "watermarks": self.watermarks.dump()}
 
     def restore_scalars(self, scalars: dict) -> None:
         """The inverse of `scalars`; raises ValueError on anything it would not have written."""
@@ -340,6 +346,10 @@ class AggregateState:
             if type(value) is not int or not -1 <= value <= MAX_TOTAL:
                 raise ValueError(f"{name}={value!r}: not a count")
             setattr(self, name, value)
+        state_id = scalars["state_id"]
+        if not isinstance(state_id, str) or not 0 < len(state_id) <= 64:
+            raise ValueError(f"state_id={state_id!r}: not a state id")
+        self.state_id = state_id
         rejected = scalars["rejected"]
         if not isinstance(rejected, dict) or len(rejected) > 64 \
                 or any(type(v) is not int or v < 0 for v in rejected.values()):
@@ -371,6 +381,7 @@ class AggregateState:
             "gaps": min(self.watermarks.gaps, MAX_TOTAL),
             "rejected": dict(self.rejected),
             "producers": len(self.watermarks.producers),
+            "state": self.state_id,
             "latency_ms": self.latency.percentiles(),
             "newest_sent_at_us": self.newest_sent_at_us,
             # The last RECENT_MINUTES minutes' GMV, so a watcher can place an event (passing
