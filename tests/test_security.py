@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import orjson
 import pytest
 from websockets.asyncio.client import connect as ws_connect
@@ -451,3 +452,86 @@ async def test_a_message_over_4_kib_closes_that_viewer_with_1009():
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
             server.receive_totals(shard("0", 777, 1, 0))
             assert (await next_totals(bystander))["gmv_cents"] == 777
+
+
+# --- 6. producer identity: the ACL in docs/security.md, run as written ---------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def documented_acl() -> str:
+    """The `/etc/mosquitto/gmv.acl` block of docs/security.md, exactly as a user copies it."""
+    text = (DOCS / "security.md").read_text()
+    start = text.index("```conf\n# /etc/mosquitto/gmv.acl\n") + len("```conf\n")
+    return text[start:text.index("```", start)]
+
+
+@pytest.fixture
+def acl_broker(tmp_path: Path) -> Iterator[tuple[str, dict[str, Path]]]:
+    """Mosquitto with logins and the documented ACL; users sim-1, aggregator-0, ticker and
+    mallory (a producer like any other), each with a password file."""
+    passwd, files = tmp_path / "passwd", {}
+    for user in ("sim-1", "aggregator-0", "ticker", "mallory"):
+        subprocess.run([_tool("mosquitto_passwd"), "-b", *(["-c"] if not files else []),
+                        str(passwd), user, f"pw-{user}"], check=True, capture_output=True)
+        files[user] = tmp_path / f"{user}.pw"
+        files[user].write_text(f"pw-{user}\n")
+    (tmp_path / "gmv.acl").write_text(documented_acl())
+    with mosquitto_with(tmp_path, ["allow_anonymous false", f"password_file {passwd}",
+                                   f"acl_file {tmp_path / 'gmv.acl'}"]) as port:
+        yield f"mqtt://127.0.0.1:{port}", files
+
+
+async def test_with_the_documented_acl_no_producer_can_touch_another_ones_batches(acl_broker):
+    """The field report: a producer publishing under another's id and its next seqs made the
+    victim's $74.1B count as duplicates ($0.0002 on screen). With the documented ACL, mallory,
+    who may publish orders, forges sim-1's batches, announcement and acks, writes totals for
+    shard 0 and a shard zz, and sends a reset: sim-1's replay still lands exact, to the cent."""
+    from ticker.mqtt import BrokerSettings, Topics, connect
+    from ticker.wire import OrderBatch, encode
+    url, pw = acl_broker
+    login = {user: ["--broker", url, "--username", user, "--password-file", str(path)]
+             for user, path in pw.items()}
+    port = free_port()
+    procs = [subprocess.Popen(GMV + ["aggregate", *login["aggregator-0"]]),
+             subprocess.Popen(GMV + ["serve", *login["ticker"], "--port", str(port)])]
+    try:
+        await asyncio.to_thread(wait_until, lambda: get_totals(port)["stats"]["shards"] == 1,
+                                "the first totals", procs)
+        topics = Topics()
+        mallory = BrokerSettings("127.0.0.1", int(url.rsplit(":", 1)[1]), username="mallory",
+                                 password="pw-mallory")
+
+        def forged(seq: int, producer: str = "sim-1") -> bytes:
+            return encode(OrderBatch(producer, seq, 14400, np.array([1]),
+                                     np.zeros(1, np.uint32), np.zeros(1, np.uint8),
+                                     np.zeros(1, np.uint8)))
+        async with connect(mallory) as client:
+            for seq in range(30):  # sim-1's first 30 seqs, on sim-1's topic: denied
+                await client.publish(topics.orders("sim-1"), forged(seq), qos=1)
+            for seq in range(30, 35):  # sim-1's id in the payload, on mallory's own topic
+                await client.publish(topics.orders("mallory"), forged(seq), qos=1)
+            fakes = {topics.producer("sim-1"): {"v": 1, "producer": "sim-1", "last_seq": 10**6},
+                     topics.acks("0", "sim-1"): {"v": 1, "next_seq": 10**6},
+                     topics.totals("0"): {**shard("0", 10**14, 1, 0)},
+                     topics.totals("zz"): {**shard("zz", 10**14, 1, 0)},
+                     topics.control: {"v": 1, "cmd": "reset"}}
+            for topic, doc in fakes.items():
+                await client.publish(topic, orjson.dumps(doc), qos=1, retain=True)
+        sim = await asyncio.create_subprocess_exec(
+            *GMV, "simulate", *login["sim-1"], *SCALE, "--json", stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE)
+        out, err = await asyncio.wait_for(sim.communicate(), 120)
+        assert sim.returncode == 0, err.decode()[-2000:]
+        report = orjson.loads(out)
+        shown = await asyncio.to_thread(
+            wait_until, lambda: (t := get_totals(port))["gmv_cents"] == TOTAL and t,
+            "the final total", procs)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    assert report["producer"] == "sim-1" and report["verdict"]["exact"], report["verdict"]
+    assert shown["orders"] == report["orders"] and shown["stats"]["duplicates"] == 0
+    assert shown["stats"]["gaps"] == 0 and shown["stats"]["unknown_shards"] == []
+    assert shown["stats"]["rejected"] == 5  # the payloads on mallory's topic: producer_mismatch

@@ -172,6 +172,11 @@ async def reconnecting(broker: BrokerSettings, identifier: str,
         except* (ConnectionError, aiomqtt.MqttError) as group:
             log.warning("%s: broker connection lost (%s); retrying in %.1f s",
                         identifier, group.exceptions[0], delay)
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            # A stop (Ctrl-C, SIGTERM) that closed the connection on its way: a task group
+            # then reports the lost connection, not the cancellation. Stop, do not retry.
+            raise asyncio.CancelledError
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
 
