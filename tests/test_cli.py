@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -202,3 +203,39 @@ def test_bench_whose_own_mosquitto_exits_at_start_says_why_in_one_line(tmp_path)
     assert code == 2 and seconds < 5
     assert_one_error_line(
         err, "the bench's Mosquitto exited with code 3: Error: Unable to open config file.")
+
+
+@pytest.mark.parametrize("command", [["serve", "--broker", "{broker}"],
+                                     ["replay", "2019", "--broker", "{broker}"], ["demo"]],
+                         ids=["serve", "replay", "demo"])
+def test_a_port_in_use_exits_2_with_one_line_naming_it(mosquitto, command):
+    """The field report: a taken --port gave a 33-line ExceptionGroup. Now one line."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = [arg.replace("{broker}", mosquitto.url) for arg in command]
+        if command[0] == "replay":  # standalone replays open a ticker of their own
+            argv = ["replay", "2019", "--order-scale", "0.0001"]
+        code, err, _ = run_gmv(*argv, "--port", str(port))
+    assert code == 2
+    assert_one_error_line(err, f"--port={port}: cannot listen on 127.0.0.1:{port}")
+
+
+def test_a_control_token_on_the_command_line_is_refused_with_the_reason():
+    """A token in argv shows in `ps`: refused, pointing to the file and the environment."""
+    code, err, _ = run_gmv("control", "pause", "--broker", "mqtt://127.0.0.1:1",
+                           "--control-token", "s3cret")
+    assert code == 2
+    assert_one_error_line(err, "--control-token-file", "GMV_CONTROL_TOKEN", "ps")
+    assert "s3cret" not in err
+
+
+def test_control_token_file_feeds_gmv_control(tmp_path):
+    """The token comes from --control-token-file (whitespace stripped); an empty file is named."""
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    code, err, _ = run_gmv("control", "pause", "--broker", "mqtt://127.0.0.1:1",
+                           "--control-token-file", str(empty))
+    assert code == 2
+    assert_one_error_line(err, f"--control-token-file={empty}: empty")

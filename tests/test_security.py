@@ -515,9 +515,14 @@ async def test_with_the_documented_acl_no_producer_can_touch_another_ones_batche
                      topics.acks("0", "sim-1"): {"v": 1, "next_seq": 10**6},
                      topics.totals("0"): {**shard("0", 10**14, 1, 0)},
                      topics.totals("zz"): {**shard("zz", 10**14, 1, 0)},
-                     topics.control: {"v": 1, "cmd": "reset"}}
+                     topics.control: {"v": 1, "cmd": "reset"},
+                     topics.replay: {"v": 1, "state": "done", "speed": None, "minute": 0,
+                                     "scenario": "fake", "loop": False}}
             for topic, doc in fakes.items():
                 await client.publish(topic, orjson.dumps(doc), qos=1, retain=True)
+        await asyncio.sleep(0.5)
+        before = await asyncio.to_thread(get_totals, port)
+        assert before["replay"] is None and before["gmv_cents"] == 0, before
         sim = await asyncio.create_subprocess_exec(
             *GMV, "simulate", *login["sim-1"], *SCALE, "--json", stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)

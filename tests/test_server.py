@@ -20,8 +20,10 @@ from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ticker.control import Verifier
+from ticker.mqtt import ReliablePublisher
 from ticker.server import FD_MARGIN, TickerServer
 
+from .conftest import free_port, wait_for_port
 from .test_feed import full_totals, shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -462,3 +464,73 @@ async def test_wrong_tokens_are_checked_about_once_a_second(caplog):
         assert (await command(ws, token=TOKEN, cmd="pause"))["ok"]
     assert len(sent) == 1
     assert len([r for r in caplog.records if "refused" in r.getMessage()]) == 1
+
+
+# --- `gmv serve` as users run it ---------------------------------------------------------------
+
+async def test_gmv_serve_survives_malformed_and_fake_retained_totals(mosquitto, topics,
+                                                                      tmp_path):
+    """The field report: a retained `"gmv_cents":"lots"` killed `gmv serve` and every restart,
+    and a fake shard on totals/zz added $1T to every screen. Now both are counted and shown as
+    such, the process stays up, and the real shard's total is what the screen says."""
+    async with ReliablePublisher(mosquitto) as publisher:
+        for topic, doc in ((topics.totals("0"), {**shard("0", 5, 1, 0), "gmv_cents": "lots"}),
+                           (topics.totals("zz"), shard("zz", 10**14, 1, 0))):
+            await publisher.send(topic, orjson.dumps(doc), retain=True)
+        await publisher.flush()
+        port, log = free_port(), tmp_path / "serve.log"
+        with open(log, "wb") as out:
+            serve = subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", "--broker",
+                                      mosquitto.url, "--prefix", topics.prefix, "--port",
+                                      str(port)], stderr=out)
+            try:
+                await asyncio.to_thread(wait_for_port, port)
+                await asyncio.sleep(1.0)
+                await publisher.send(topics.totals("0"), orjson.dumps(shard("0", 4200, 2, 9)),
+                                     retain=True)
+                await publisher.flush()
+                for _ in range(50):
+                    status, _, body = await asyncio.to_thread(http_get, port, "/api/totals")
+                    if orjson.loads(body)["gmv_cents"] == 4200:
+                        break
+                    await asyncio.sleep(0.1)
+                alive = serve.poll() is None
+            finally:
+                serve.terminate()
+                serve.wait(10)
+    view = orjson.loads(body)
+    assert alive and view["gmv_cents"] == 4200
+    assert view["stats"]["ignored_totals"] == 1 and view["stats"]["unknown_shards"] == ["zz"]
+    assert b"Traceback" not in log.read_bytes()
+
+
+async def test_gmv_serve_answers_past_1100_idle_websockets_under_a_1024_soft_limit(
+        mosquitto, topics):
+    """The field report: 1,100 idle websockets used up the default 1,024 file descriptors and
+    every new request timed out. `gmv serve` raises its soft limit to the hard one at start."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4096:
+        pytest.skip(f"the hard limit on open files is {hard}: too low to show the fix")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4096), hard))  # for our clients
+    port = free_port()
+
+    def at_1024() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    serve = subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", "--broker",
+                              mosquitto.url, "--prefix", topics.prefix, "--port", str(port)],
+                             preexec_fn=at_1024, stderr=subprocess.PIPE, text=True)
+    viewers = []
+    try:
+        await asyncio.to_thread(wait_for_port, port)
+        for _ in range(1100):
+            viewers.append(await ws_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10))
+        status, _, _ = await asyncio.to_thread(http_get, port, "/api/totals")
+        late = await ws_connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10)
+        viewers.append(late)
+    finally:
+        await asyncio.gather(*(v.close() for v in viewers), return_exceptions=True)
+        serve.terminate()
+        _, err = serve.communicate(timeout=10)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert status == 200 and len(viewers) == 1101
+    assert f"open files: up to {hard:,}" in err

@@ -7,7 +7,9 @@ itself. The examples in docs/wire-format.md are checked here too.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
 import struct
 import subprocess
@@ -537,7 +539,28 @@ def test_doc_mosquitto_pub_json_is_the_json_example():
     assert len(commands) == 1
     assert columns(decode(commands[0].encode(), LIMITS)) == columns(
         decode(doc_block("json").encode(), LIMITS))
-    assert "-t gmv/v1/orders/0" in DOC.read_text()
+    assert "-t gmv/v1/orders/hand-1/0 -m" in DOC.read_text()
+
+
+async def test_doc_commands_published_by_hand_reach_the_totals(mosquitto, topics):
+    """The doc's two mosquitto_pub commands, run as written (prefix and port aside), add
+    USD 1,768.99 + USD 469.99 to a running aggregator, nothing rejected; run again, they are
+    duplicates."""
+    from .conftest import running_pipeline
+    text = DOC.read_text()
+    commands = [line for line in text.splitlines() if "mosquitto_pub" in line
+                and "-q 1 -t gmv/v1/orders/" in line]
+    assert len(commands) == 2
+    script = "\n".join(commands).replace("gmv/v1/", f"{topics.prefix}/")
+    async with running_pipeline(mosquitto, topics) as pipeline:
+        for _ in range(2):
+            done = await asyncio.create_subprocess_shell(
+                script, env={**os.environ, "PORT": str(mosquitto.port)})
+            assert await done.wait() == 0
+        async with asyncio.timeout(10):
+            while pipeline.state.duplicates < 2:
+                await asyncio.sleep(0.05)
+    assert pipeline.state.gmv_cents == 176_899 + 46_999 and not pipeline.state.rejected
 
 
 def test_doc_binary_one_liner_builds_the_documented_hex_bytes():

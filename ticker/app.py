@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import os
+import resource
 import secrets
 import signal
 import sys
@@ -258,6 +259,9 @@ async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
         tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch-totals")
         tg.create_task(server.run_pusher(), name="pusher")
         print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        print(f"open files: up to {soft:,} (hard limit {hard:,}), viewers: up to "
+              f"{server.max_viewers:,}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -265,8 +269,7 @@ def _ticker_server(args: argparse.Namespace, token: str | None,
                    comparison: Comparison | None, **options) -> TickerServer:
     """The screen server, after raising the open-files limit so that every viewer it admits
     has a descriptor (the default 1024 ran out at about 1,000 idle websockets)."""
-    soft, hard = raise_fd_limit()
-    print(f"open files: up to {soft:,} (hard limit {hard:,})", file=sys.stderr, flush=True)
+    raise_fd_limit()
     return TickerServer(allowed_origins=args.allowed_origin, control_token=token,
                         comparison=comparison, max_viewers=args.max_viewers, **options)
 

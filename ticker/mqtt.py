@@ -161,22 +161,22 @@ async def reconnecting(broker: BrokerSettings, identifier: str,
                        session: Callable[[aiomqtt.Client], Awaitable[None]], *,
                        clean_session: bool = True, manual_ack: bool = False) -> None:
     """Run `session(client)` forever, reconnecting with exponential backoff (0.2 s to 5 s)."""
-    delay = 0.2
+    delay, this = 0.2, asyncio.current_task()
     while True:
         try:
             async with connect(broker, identifier, clean_session=clean_session,
                                manual_ack=manual_ack) as client:
                 delay = 0.2
-                await session(client)
+                # In a task of its own: when a stop (Ctrl-C, SIGTERM) closes the connection on
+                # its way, the session's task group reports the lost connection instead of the
+                # cancellation; this task's count of cancellations still says it was a stop.
+                await asyncio.create_task(session(client), name=f"{identifier}-session")
         # except*: a session's task group wraps the lost connection in an ExceptionGroup.
         except* (ConnectionError, aiomqtt.MqttError) as group:
+            if this is not None and this.cancelling():
+                raise asyncio.CancelledError from None
             log.warning("%s: broker connection lost (%s); retrying in %.1f s",
                         identifier, group.exceptions[0], delay)
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            # A stop (Ctrl-C, SIGTERM) that closed the connection on its way: a task group
-            # then reports the lost connection, not the cancellation. Stop, do not retry.
-            raise asyncio.CancelledError
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
 
