@@ -34,6 +34,7 @@ import orjson
 from . import checkpoint
 from .control import ControlError, Verifier
 from .dimensions import Window
+from .logthrottle import LogThrottle
 from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
 from .state import AggregateState
 from .wire import BatchError, Limits, dead_letter, decode, decode_announcement, decode_chatbot
@@ -81,7 +82,7 @@ class Aggregator:
         self._checkpoint_lock = asyncio.Lock()
         self.client_id = f"gmv-aggregator/{topics.prefix}/{shard}" if checkpoint_path \
             else unique_client_id("gmv-aggregator")
-        self._refused = _Throttled("ignoring control messages")
+        self._refused = LogThrottle()
 
     # --- the pure part ---------------------------------------------------------------------
 
@@ -102,7 +103,8 @@ class Aggregator:
             return Handled("rejected", (self.topics.rejected(exc.reason),
                                         dead_letter(exc.reason, str(exc), topic, payload)))
         except ControlError as exc:
-            self._refused.note(str(exc), now)
+            if count := self._refused.due(now):
+                log.warning("refused %d control message(s), the last: %s", count, exc)
             return Handled("refused")
         except Exception:  # a bug must not stop the shard; the message is counted and logged
             log.exception("failed to handle a message on %s", topic)
@@ -280,19 +282,3 @@ class Aggregator:
                                      qos=1, retain=True)
                 last_body, last_time = body, now
             await asyncio.sleep(self.totals_interval)
-
-
-class _Throttled:
-    """A warning logged at most once per `every` seconds, with how many were held back, so a
-    flood of bad messages cannot flood the log."""
-
-    def __init__(self, what: str, every: float = 10.0) -> None:
-        self.what, self.every, self.held, self.last = what, every, 0, -float("inf")
-
-    def note(self, reason: str, now: float) -> None:
-        if now - self.last < self.every:
-            self.held += 1
-            return
-        more = f" (and {self.held} more since the last warning)" if self.held else ""
-        log.warning("%s: %s%s", self.what, reason, more)
-        self.last, self.held = now, 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -107,16 +108,30 @@ class Topics:
         return kind, rest
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, its timeouts made with `asyncio.timeout` instead of `asyncio.wait_for`:
+    on Python 3.11 wait_for can swallow a cancellation that lands as the awaited PUBACK does
+    (cpython#86296), and a stopped aggregator's task then went on publishing for ever."""
+
+    async def _wait_for(self, fut, timeout):  # type: ignore[no-untyped-def]
+        timeout = self.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(None if timeout == math.inf else timeout):
+                return await fut
+        except TimeoutError:
+            raise aiomqtt.MqttError("Operation timed out") from None
+
+
 @asynccontextmanager
 async def connect(broker: BrokerSettings, identifier: str | None = None, *,
                   clean_session: bool = True, manual_ack: bool = False,
                   max_inflight: int = 64) -> AsyncIterator[aiomqtt.Client]:
     """A connected client; raises ConnectionError naming the broker if it cannot connect."""
     tls = aiomqtt.TLSParameters(ca_certs=broker.ca_file) if broker.tls else None
-    client = aiomqtt.Client(broker.host, broker.port, identifier=identifier,
-                            clean_session=clean_session, username=broker.username,
-                            password=broker.password, tls_params=tls,
-                            max_inflight_messages=max_inflight, timeout=10)
+    client = _Client(broker.host, broker.port, identifier=identifier,
+                     clean_session=clean_session, username=broker.username,
+                     password=broker.password, tls_params=tls,
+                     max_inflight_messages=max_inflight, timeout=10)
     client.pending_calls_threshold = max_inflight * 2  # pipelining is deliberate, not a leak
     if manual_ack:
         # aiomqtt does not expose paho's manual acknowledgement; its paho client does.

@@ -37,6 +37,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from .control import ControlError, FailureLimiter, parse_command, sign
+from .logthrottle import LogThrottle
 from .feed import Comparison, Feed, MessageError, UnknownShard
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,6 @@ log = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 PAGE_COMMANDS = ("pause", "resume", "speed", "seek")  # not reset: that one wipes the totals
 FD_MARGIN = 64  # open files kept for the listening socket, the broker, logs, HTTP requests
-LOG_INTERVAL = 10.0  # seconds between two log lines about the same kind of refusal
 
 
 def raise_fd_limit() -> tuple[int, int]:
@@ -55,24 +55,6 @@ def raise_fd_limit() -> tuple[int, int]:
         with contextlib.suppress(ValueError, OSError):  # e.g. an unlimited hard limit
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
-class LogThrottle:
-    """Counts events and says when to log them: the first at once, then at most one line
-    per `interval` seconds, with the count since the last line."""
-
-    def __init__(self, interval: float = LOG_INTERVAL) -> None:
-        self.interval = interval
-        self._count = 0
-        self._next = -math.inf
-
-    def due(self, now: float) -> int:
-        """Count one event; how many to report now, or 0 to stay quiet."""
-        self._count += 1
-        if now < self._next:
-            return 0
-        count, self._count, self._next = self._count, 0, now + self.interval
-        return count
 
 
 class TickerServer:
