@@ -16,10 +16,13 @@ from pathlib import Path
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from ticker.control import Verifier
+from ticker.feed import parse_totals
 from ticker.mqtt import ReliablePublisher
 from ticker.server import FD_MARGIN, TickerServer
 
@@ -534,3 +537,44 @@ async def test_gmv_serve_answers_past_1100_idle_websockets_under_a_1024_soft_lim
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert status == 200 and len(viewers) == 1101
     assert f"open files: up to {hard:,}" in err
+
+
+# --- any sequence of messages on the topics the server subscribes to ----------------------------
+
+_totals_docs = st.builds(
+    lambda name, gmv, orders, field, value: {**full_totals(name, gmv_cents=gmv, orders=orders),
+                                             **({field: value} if field else {})},
+    st.sampled_from(["0", "1", "zz", ""]), st.integers(-1, 2**64 - 1), st.integers(0, 10),
+    st.sampled_from([None, "minute", "window", "country_gmv_cents", "rejected", "shard", "v",
+                     "recent_gmv_cents", "latency_ms", "gaps"]),
+    st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(),
+              st.text(max_size=5), st.lists(st.integers(0, 3), max_size=300),
+              st.dictionaries(st.text(max_size=3), st.integers(0, 2**60), max_size=3)))
+_server_payloads = st.one_of(
+    _totals_docs.map(lambda d: orjson.dumps(d, option=orjson.OPT_NON_STR_KEYS)),
+    st.binary(max_size=40),
+    st.builds(lambda state, speed: orjson.dumps({"v": 1, "state": state, "speed": speed,
+                                                 "minute": 3, "scenario": "2020",
+                                                 "loop": False}),
+              st.sampled_from(["playing", "done", "bogus"]),
+              st.one_of(st.none(), st.floats(), st.integers(-5, 5))))
+_server_topics = st.sampled_from(["gmv/v1/totals/0", "gmv/v1/totals/1", "gmv/v1/totals/zz",
+                                  "gmv/v1/totals/", "gmv/v1/replay", "gmv/v1/orders/a/0", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_server_topics, _server_payloads, st.booleans()), max_size=25))
+def test_any_messages_on_its_topics_never_raise_and_only_valid_totals_move_the_view(stream):
+    """Whatever arrives on any topic the server subscribes to, receive_message returns, the
+    view always encodes, and its GMV is the sum of the last valid totals of each expected
+    shard (here 0 and 1), nothing else."""
+    server, last = TickerServer(expected_shards=2), {}
+    for topic, payload, retained in stream:
+        server.receive_message(topic, payload, retained)
+        kind, _, shard_id = topic.rpartition("/")
+        if kind == "gmv/v1/totals" and shard_id in ("0", "1"):
+            with contextlib.suppress(ValueError):
+                last[shard_id] = parse_totals(shard_id, orjson.loads(payload))["gmv_cents"]
+        server.feed.publish()
+        orjson.loads(server.feed.snapshot_frame)
+        assert server.feed.view["gmv_cents"] == sum(last.values())
