@@ -128,6 +128,11 @@ class Replay:
             assert self.flow is not None
             self.report.verdict = self.flow.verdict(self.seq, self.report.orders,
                                                     self.report.gmv_cents)
+        if self.report.verdict is not None and self.report.verdict.exact:
+            # Done for good, and all applied: clearing the announcement lets the shards forget
+            # this producer, so finished runs leave no state and no retained messages behind.
+            await self.publisher.send(self.topics.producer(self.producer), b"", retain=True)
+            await self.publisher.flush()
         self._state = "done"
         await self._status()
         self.report.seconds = self._now() - start

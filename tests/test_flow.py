@@ -4,6 +4,7 @@ Mosquitto (no config file), where a producer that outruns its consumer loses bat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import signal
@@ -250,3 +251,31 @@ def test_loop_without_a_control_token_is_refused_up_front():
     env = {k: v for k, v in os.environ.items() if k != "GMV_CONTROL_TOKEN"}
     done = run("simulate", "--broker", "mqtt://127.0.0.1:1", "--loop", env=env)
     assert done.returncode == 2 and done.stderr.startswith("gmv: error: --loop needs a control")
+
+
+async def test_a_finished_replay_leaves_no_producer_state_behind(mosquitto, topics):
+    """After an exact verdict the replay clears its announcement; the shard then forgets it and
+    clears its acks: a thousand finished runs do not fill --max-producers or the broker's
+    retained store."""
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    aggregator = subprocess.Popen(GMV + ["aggregate", *broker, "--scenario", "2019"])
+    try:
+        done = await asyncio.create_subprocess_exec(
+            *GMV, "simulate", *broker, "--scenario", "2019", "--order-scale", "0.0001", "--json",
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        out, _ = await asyncio.wait_for(done.communicate(), 60)
+        assert orjson.loads(out)["verdict"]["exact"]
+        await asyncio.sleep(1.5)  # the shard checkpoints and clears
+        retained: dict[str, bytes] = {}
+        async with connect(mosquitto) as client:
+            await client.subscribe(f"{topics.prefix}/#", qos=1)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.5):
+                    async for message in client.messages:
+                        if message.retain:
+                            retained[message.topic.value] = message.payload
+    finally:
+        aggregator.terminate()
+        aggregator.wait(10)
+    assert sorted(retained) == [topics.replay, topics.totals("0")]
+    assert orjson.loads(retained[topics.totals("0")])["producers"] == 0

@@ -217,7 +217,7 @@ def test_reset_zeroes_the_totals_but_keeps_the_sequences():
     assert state.gmv_cents == 0 and not state.gmv_by_brand.any() and state.resets == 1
     assert not state.apply(batch(0, 1, [500], [2]))
     assert state.apply(batch(1, 1, [7], [2])) and state.gmv_cents == 7
-    [ack] = state.take_acks()
+    [ack] = state.take_acks().values()
     assert ack == {"producer": "p", "next_seq": 2, "max_seen": 1, "gaps": 0, "orders": 1,
                    "gmv_cents": 7, "chatbot_queries": 0, "resets": 1, "state": state.state_id}
 
@@ -227,12 +227,27 @@ def test_acks_name_only_the_producers_that_changed():
     state = AggregateState(LIMITS)
     state.apply(batch(0, 0, [5, 6], [1, 2], producer="a"))
     state.apply(batch(0, 0, [9], [1], producer="b"))
-    assert [(a["producer"], a["orders"], a["gmv_cents"]) for a in state.take_acks()] == \
-        [("a", 2, 11), ("b", 1, 9)]
-    assert state.take_acks() == []
+    assert [(a["producer"], a["orders"], a["gmv_cents"]) for a in
+            state.take_acks().values()] == [("a", 2, 11), ("b", 1, 9)]
+    assert state.take_acks() == {}
     state.apply(batch(2, 0, [1], [1], producer="a"))
-    [ack] = state.take_acks()
+    [ack] = state.take_acks().values()
     assert (ack["producer"], ack["next_seq"], ack["max_seen"], ack["gaps"]) == ("a", 1, 2, 1)
+
+
+def test_a_finished_producer_is_retired_only_when_nothing_of_it_is_missing():
+    """A producer that says it is done is forgotten (its ack cleared) once all of it is
+    applied; with a hole it is kept, so the gap stays reported. Totals are untouched."""
+    state = AggregateState(dataclasses.replace(LIMITS, max_producers=2))
+    state.apply(batch(0, 0, [5], [1], producer="done"))
+    state.apply(batch(0, 0, [7], [1], producer="holey"))
+    state.apply(batch(2, 0, [7], [1], producer="holey"))
+    state.take_acks()
+    assert state.watermarks.retire("done") and not state.watermarks.retire("holey")
+    assert not state.watermarks.retire("never-seen")
+    assert state.take_acks() == {"done": None} and state.gmv_cents == 19
+    assert state.apply(batch(0, 0, [5], [1], producer="new"))  # room for a new producer
+    assert state.watermarks.gaps == 1
 
 
 def test_watermarks_survive_a_dump_and_refuse_a_malformed_one():

@@ -47,7 +47,7 @@ ACK_EVERY = 32  # in memory, acks go out after this many messages, and every tot
 class Handled:
     """What `handle` made of one message."""
 
-    outcome: str  # applied, duplicate, rejected, announcement, reset, refused, ignored
+    outcome: str  # applied, duplicate, rejected, announcement, retired, reset, refused, ignored
     dead_letter: tuple[str, bytes] | None = None  # (topic, payload) to publish
 
 
@@ -77,7 +77,7 @@ class Aggregator:
         self._unacked: list = []
         self._since_acks = 0  # messages applied since the last acks went out (in memory)
         self._acks_due = asyncio.Event()
-        self._due_acks: dict[str, dict] = {}  # producer -> its newest ack not yet sent
+        self._due_acks: dict[str, dict | None] = {}  # producer -> newest ack (None: clear it)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_lock = asyncio.Lock()
         self.client_id = f"gmv-aggregator/{topics.prefix}/{shard}" if checkpoint_path \
@@ -127,8 +127,9 @@ class Aggregator:
 
     def _note_announcement(self, rest: list[str], payload: bytes) -> Handled:
         """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
-        if not payload:  # a producer cleared its retained announcement
-            return Handled("ignored")
+        if not payload:  # a producer cleared its announcement: it is done for good
+            retired = len(rest) == 1 and self.state.watermarks.retire(rest[0])
+            return Handled("retired" if retired else "ignored")
         note = decode_announcement(payload)
         if rest != [note.producer]:
             raise BatchError("producer_mismatch", f"announcement of {note.producer!r} on "
@@ -235,10 +236,10 @@ class Aggregator:
             acks = await self._save()
             for message in done:
                 ack(client, message)
-            self._due_acks.update((a["producer"], a) for a in acks)
+            self._due_acks.update(acks)
             self._acks_due.set()
 
-    async def _save(self) -> list[dict]:
+    async def _save(self) -> dict[str, dict | None]:
         """Checkpoint now; the acks that this checkpoint makes true."""
         data, acks = checkpoint.export(self.state), self.state.take_acks()
         await asyncio.to_thread(checkpoint.save, self.checkpoint_path, data)
@@ -253,13 +254,14 @@ class Aggregator:
             await self._acks_due.wait()
             self._acks_due.clear()
             if not self.durable:  # in memory, applied is as good as it gets
-                self._due_acks.update((a["producer"], a) for a in self.state.take_acks())
+                self._due_acks.update(self.state.take_acks())
             self._since_acks = 0
             due, self._due_acks = self._due_acks, {}
             for producer, doc in due.items():
-                await client.publish(self.topics.acks(self.shard, producer),
-                                     orjson.dumps({"v": 1, "shard": self.shard, **doc}),
-                                     qos=1, retain=True)
+                payload = b"" if doc is None else orjson.dumps({"v": 1, "shard": self.shard,
+                                                                  **doc})
+                await client.publish(self.topics.acks(self.shard, producer), payload, qos=1,
+                                     retain=True)
 
     async def _publish_totals(self, client) -> None:
         last_body, last_time, last_gaps = b"", 0.0, 0

@@ -120,6 +120,7 @@ class Watermarks:
         self.producers: dict[str, Producer] = {}
         self.gaps = 0  # sum of every producer's `missing`, kept up to date
         self.changed: set[str] = set()  # producers whose acknowledgement is due
+        self.retired: set[str] = set()  # producers whose acknowledgement is to be cleared
 
     def get(self, producer: str) -> Producer | None:
         return self.producers.get(producer)
@@ -165,6 +166,18 @@ class Watermarks:
             self.gaps += last_seq - p.max_seen
             p.max_seen = last_seq
             self.changed.add(producer)
+        return True
+
+    def retire(self, producer: str) -> bool:
+        """Forget a producer that said it is done (it cleared its announcement), if all of its
+        sequence is applied: nothing of it can arrive any more, and its id may start again
+        from 0. False (and kept) while anything of it is missing."""
+        p = self.producers.get(producer)
+        if p is None or p.missing or p.starts:
+            return False
+        del self.producers[producer]
+        self.retired.add(producer)
+        self.changed.discard(producer)
         return True
 
     def dump(self) -> dict[str, list[int]]:
@@ -317,17 +330,20 @@ class AggregateState:
         """Count a message that was refused; the totals are untouched."""
         self.rejected[reason] += 1
 
-    def take_acks(self) -> list[dict[str, object]]:
+    def take_acks(self) -> dict[str, dict[str, object] | None]:
         """What each producer changed since the last call needs to hear: how far its sequence
-        is applied, and what its batches added (the producer compares it with what it sent)."""
-        acks = []
-        for name in sorted(self.watermarks.changed):
-            p = self.watermarks.producers[name]
-            acks.append({"producer": name, "next_seq": p.next_seq, "max_seen": p.max_seen,
-                         "gaps": p.missing, "orders": p.orders, "gmv_cents": p.gmv_cents,
-                         "chatbot_queries": p.chatbot_queries, "resets": self.resets,
-                         "state": self.state_id})
-        self.watermarks.changed.clear()
+        is applied, and what its batches added (the producer compares it with what it sent);
+        None for a retired producer, whose acknowledgement is cleared."""
+        marks = self.watermarks
+        acks: dict[str, dict[str, object] | None] = dict.fromkeys(marks.retired)
+        for name in sorted(marks.changed):
+            p = marks.producers[name]
+            acks[name] = {"producer": name, "next_seq": p.next_seq, "max_seen": p.max_seen,
+                          "gaps": p.missing, "orders": p.orders, "gmv_cents": p.gmv_cents,
+                          "chatbot_queries": p.chatbot_queries, "resets": self.resets,
+                          "state": self.state_id}
+        marks.changed.clear()
+        marks.retired.clear()
         return acks
 
     _SCALARS = ("gmv_cents", "orders", "batches", "latest_minute", "duplicates",
