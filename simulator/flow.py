@@ -227,11 +227,11 @@ class FlowControl:
                     f"checkpoint and lost what it had applied of {self.acks.producer!r}: "
                     "stopping this replay (run gmv aggregate with its checkpoint)")
             self._news.clear()
-            try:
-                await asyncio.wait_for(self._news.wait(), self.patience / 5)
+            with contextlib.suppress(TimeoutError):
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a stop.
+                async with asyncio.timeout(self.patience / 5):
+                    await self._news.wait()
                 last_news = self._now()
-            except TimeoutError:
-                pass
             if not said and self._now() - start >= self.patience:
                 self.say(why())
                 said = True

@@ -16,6 +16,7 @@ than its window ahead of what the aggregators have applied; each pass ends with 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -170,10 +171,9 @@ class Replay:
 
     async def _wait(self, seconds: float) -> None:
         self._changed.clear()
-        try:
-            await asyncio.wait_for(self._changed.wait(), min(seconds, 1.0))
-        except TimeoutError:
-            pass
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(seconds, 1.0)):  # not wait_for: see flow.py
+                await self._changed.wait()
         if self._state != "paused":
             await self._status()
 

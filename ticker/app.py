@@ -131,7 +131,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                           "GMV_CONTROL_TOKEN) to reset the aggregators between passes")
     topics = Topics(args.prefix)
     producer = args.producer or args.username or f"sim-{uuid.uuid4().hex[:8]}"
-    verdicts: list[bool] = []
+    exact: bool | None = None  # the verdict, once the replay has one
     try:
         async with AsyncExitStack() as stack:
             if broker is None:
@@ -174,7 +174,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                           f"{speed}; Ctrl-C stops)", flush=True)
                     print(f"operator view: {url}?operator=1 (token: {token})", flush=True)
                 report = await replay.run(None if standalone else _progress())
-                verdicts.append(report.verdict is not None and report.verdict.exact)
+                exact = report.verdict is not None and report.verdict.exact
                 verdict = report.verdict.line() if report.verdict else "no verdict"
                 if standalone:
                     print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
@@ -185,11 +185,11 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                     if listener is not None:
                         listener.cancel()
     except asyncio.CancelledError:
-        if standalone and verdicts:  # the demo ran its course: Ctrl-C ends it with the verdict
+        if standalone and exact is not None:  # the demo ran its course: Ctrl-C ends it
             _say("stopped")
-            return 0 if verdicts[0] else 1
+            return 0 if exact else 1
         raise
-    return 0 if verdicts and verdicts[0] else 1
+    return 0 if exact else 1
 
 
 def _say(line: str) -> None:
