@@ -110,6 +110,10 @@ class OrderBatch:
     def gmv_cents(self) -> int:
         return int(self.amount_cents.sum())
 
+    def order_minutes(self) -> np.ndarray:
+        """Each order's simulated minute (int64), in order."""
+        return np.full(len(self), self.minute, dtype=np.int64)
+
 
 @dataclass(frozen=True)
 class ChatbotCount:
