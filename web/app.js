@@ -1,15 +1,31 @@
 'use strict';
 // Live GMV ticker: websocket snapshot/update stream -> big-screen DOM.
-// Sections: state + messages, formatting, animation, rendering, connection.
+// Sections: options, state + messages, money and time formatting, the counter (one displayed
+// value for every element that shows the total), rendering, the story (milestones, leaders,
+// curve), freshness, connection.
+//
+// Cost when nothing moves: no infinite CSS animation and no requestAnimationFrame loop; the
+// counter runs frames only between a total and the next, and a 1 Hz timer ages the badge.
 
-const KIOSK = new URLSearchParams(location.search).get('kiosk') === '1';
+/* ---------- options: ?kiosk=1 ?currency=rmb ?theme=light|dark ---------- */
+
+const PARAMS = new URLSearchParams(location.search);
+const KIOSK = PARAMS.get('kiosk') === '1';
 const REDUCED_MOTION = matchMedia('(prefers-reduced-motion: reduce)').matches;
 const $ = (id) => document.getElementById(id);
+let wantRmb = (PARAMS.get('currency') || '').toLowerCase() === 'rmb';
+
+{
+  const theme = (PARAMS.get('theme') || '').toLowerCase();
+  if (theme === 'light' || theme === 'dark') document.documentElement.dataset.theme = theme;
+  if (KIOSK) document.documentElement.classList.add('kiosk');
+}
 
 /* ---------- state + message handling ---------- */
 
-let state = null; // all known fields; null until the first snapshot
-let seq = null;   // seq of the last applied message
+let state = null;   // all known fields; null until the first snapshot
+let seq = null;     // seq of the last applied message
+let freshSocket = true; // the next snapshot is this connection's first: paint it directly
 
 // Strip envelope keys so state only ever holds data fields.
 function fieldsOf(msg) {
@@ -39,10 +55,13 @@ function handleMessage(raw) {
     console.warn('[ticker] ignoring non-JSON frame:', raw);
     return;
   }
+  let direct = false;
   switch (msg && msg.type) {
     case 'snapshot':
       state = fieldsOf(msg);
       seq = msg.seq;
+      direct = freshSocket; // a reload or a new viewer shows the exact total at once
+      freshSocket = false;
       break;
     case 'update':
       // A gap means we missed something; applying on top would show wrong
@@ -56,12 +75,13 @@ function handleMessage(raw) {
       seq = msg.seq;
       break;
     case 'heartbeat':
-      // Sent when nothing changed for a second: proves the link is up, and says how long
-      // ago the server last heard from an aggregator.
-      // null: the server has not heard from a live aggregator since it started.
-      lastUpstreamAgeMs = typeof msg.upstream_age_ms === 'number' ? msg.upstream_age_ms
-        : msg.upstream_age_ms === null ? Infinity : 0;
-      noteAlive();
+      // Every second: the only word on liveness. upstream_age_ms is how long ago the server
+      // heard from a live aggregator (null: never since it started); aged locally until the
+      // next one, so a silent server goes stale too. Updates never touch it: a replay's
+      // status changes the view without saying anything about the aggregators.
+      upstream.ageMs = typeof msg.upstream_age_ms === 'number' ? msg.upstream_age_ms : null;
+      upstream.at = performance.now();
+      checkFreshness();
       return;
     case 'control_result':
       // The answer to this viewer's own operator command (web/operator.js); no totals.
@@ -72,9 +92,7 @@ function handleMessage(raw) {
       if (!KIOSK) console.warn('[ticker] UNKNOWN MESSAGE TYPE — ignored:', msg && msg.type, msg);
       return;
   }
-  lastUpstreamAgeMs = 0;
-  noteAlive();
-  render();
+  render(direct);
 }
 
 /* ---------- formatting (integers only, so cents are never off by one) ---------- */
@@ -87,39 +105,88 @@ function group(n) {
   return String(n).replace(/\B(?=(\d{3})+(?!\d))/g, ',');
 }
 
-// cents -> { int: "74,100,000,000", dec: "00" }
-function usdParts(cents) {
-  const c = Math.max(0, Math.round(cents));
-  return { int: group(Math.floor(c / 100)), dec: pad2(c % 100) };
+// The money shown: USD as received, or RMB converted exactly from US cents with the feed's
+// decimal rate (BigInt; fen = cents × rate, rounded half up). `rate` is null on the USD view.
+const money = { code: 'USD', sym: '$', rate: null, rateText: '' };
+
+function parseRate(text) {
+  const m = /^(\d{1,6})(?:\.(\d{1,12}))?$/.exec(typeof text === 'string' ? text : '');
+  if (!m) return null;
+  const frac = m[2] || '';
+  const num = BigInt(m[1] + frac);
+  return num > 0n ? { num, den: 10n ** BigInt(frac.length), text } : null;
 }
 
-function formatUSD(cents) {
-  const p = usdParts(cents);
-  return `$${p.int}.${p.dec}`;
+// US cents (integer Number or BigInt) -> minor units of the shown currency, as BigInt.
+function minorUnits(cents) {
+  const c = BigInt(cents);
+  const r = money.rate;
+  return r === null ? c : (2n * c * r.num + r.den) / (2n * r.den);
 }
 
-// "$4.68M": floor(c / unit) is exact for integer c < 2^53 (the true quotient is
-// never within rounding distance of the next integer), so no float drift.
-function formatCompactUSD(cents) {
-  for (const [unit, suffix] of [[1e12, 'T'], [1e9, 'B'], [1e6, 'M'], [1e3, 'K']]) {
-    if (cents >= unit * 100) {
-      const hundredths = Math.floor(cents / unit);
-      return `$${group(Math.floor(hundredths / 100))}.${pad2(hundredths % 100)}${suffix}`;
+// cents -> { int: "74,100,000,000", dec: "00" } in the shown currency
+function moneyParts(cents) {
+  let m = minorUnits(Math.max(0, cents));
+  return { int: group(m / 100n), dec: pad2(m % 100n) };
+}
+
+function formatMoney(cents) {
+  const p = moneyParts(cents);
+  return `${money.sym}${p.int}.${p.dec}`;
+}
+
+// "$4.68M": floor of the exact integer quotient, so no float drift.
+const COMPACT = [[10n ** 12n, 'T'], [10n ** 9n, 'B'], [10n ** 6n, 'M'], [10n ** 3n, 'K']];
+function formatCompact(cents) {
+  const m = minorUnits(Math.max(0, cents));
+  for (const [unit, suffix] of COMPACT) {
+    if (m >= unit * 100n) {
+      const hundredths = m / unit;
+      return `${money.sym}${group(hundredths / 100n)}.${pad2(hundredths % 100n)}${suffix}`;
     }
   }
-  return formatUSD(cents);
+  return formatMoney(cents);
 }
 
 // Read wall-clock fields straight from the string: the festival runs on
 // Beijing time whatever zone the TV's browser is set to.
 function parseWallClock(iso) {
-  const m = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::[\d.]+)?(Z|[+-]\d{2}:?\d{2})?$/.exec(iso || '');
-  return m && { y: +m[1], mo: +m[2], d: +m[3], hh: m[4], mm: m[5], offset: m[6] || '' };
+  const m = /^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(Z|[+-]\d{2}:?\d{2})?$/
+    .exec(iso || '');
+  return m && { y: +m[1], mo: +m[2], d: +m[3], hh: m[4], mm: m[5], ss: m[6] || '',
+    offset: m[7] || '' };
 }
 
 function zoneLabel(offset) {
   if (offset === '+08:00' || offset === '+0800') return 'Beijing time';
   return offset === 'Z' ? 'UTC' : offset ? `UTC${offset}` : '';
+}
+
+function formatWallClock(t) {
+  return `${MONTHS[t.mo - 1]} ${t.d} · ${t.hh}:${t.mm}`;
+}
+
+// "Nov 11 · 00:01:08" when the time has its seconds (and they are not :00), else to the minute.
+function formatMoment(iso) {
+  const t = parseWallClock(iso);
+  if (!t) return '';
+  return `${formatWallClock(t)}${t.ss && t.ss !== '00' ? `:${t.ss}` : ''}`;
+}
+
+// Elapsed time as the press quotes it: "48 s", "1 min 8 s", "1 h 3 min", "10 d 0 h 8 min".
+function formatElapsed(seconds) {
+  const s = Math.max(0, Math.floor(seconds));
+  if (s < 60) return `${s} s`;
+  if (s < 3600) return `${Math.floor(s / 60)} min ${s % 60} s`;
+  const min = Math.floor(s / 60) % 60;
+  if (s < 86400) return `${Math.floor(s / 3600)} h ${min} min`;
+  return `${Math.floor(s / 86400)} d ${Math.floor(s / 3600) % 24} h ${min} min`;
+}
+
+// A badge's age: "12 s", "4 min", "2 h".
+function formatAge(ms) {
+  const s = Math.floor(ms / 1000);
+  return s < 60 ? `${s} s` : s < 3600 ? `${Math.floor(s / 60)} min` : `${Math.floor(s / 3600)} h`;
 }
 
 // Signed change in tenths of a percent, from integers only: round((now - then) * 1000 / then),
@@ -144,10 +211,6 @@ function shortLabel(label) {
   return label.replace(/\s*\([^)]*\)\s*$/, '') || label;
 }
 
-function formatWallClock(t) {
-  return `${MONTHS[t.mo - 1]} ${t.d} · ${t.hh}:${t.mm}`;
-}
-
 // 1584 -> "1584×", 0.5 -> "0.5×", null / "max" (as fast as it goes) -> "max"
 function formatSpeed(speed) {
   if (typeof speed !== 'number' || !Number.isFinite(speed) || speed <= 0) return 'max';
@@ -158,43 +221,80 @@ function percent(part, total) {
   return total > 0 ? `${(Math.round((part * 1000) / total) / 10).toFixed(1)}%` : '—';
 }
 
-/* ---------- GMV animation ---------- */
+/* ---------- the counter: one displayed value ---------- */
 
-const ANIM_MS = 600;
-const anim = { from: 0, to: 0, shown: 0, start: 0, raf: 0 };
-const easeOut = (t) => 1 - (1 - t) ** 3;
+// Between two totals the counter runs linearly from what is on screen to the newest total,
+// over about the interval at which totals have been arriving (so it moves at the current
+// rate and lands on each total just before the next one comes). It never passes the newest
+// total, never runs backwards (a drop, from a reset or a seek back, is shown at once), and
+// shows only integers. Everything that shows the total reads `counter.shown`.
+const MIN_RUN_MS = 60;
+const MAX_RUN_MS = 1500;
+const counter = { target: null, shown: null, from: 0, start: 0, run: 0, raf: 0,
+  lastAt: 0, interval: 250 };
 
-function setGmvTarget(cents) {
+function setTotal(cents, direct) {
+  const now = performance.now();
   $('gmv').dataset.cents = String(cents);
-  if (cents === anim.to) return;
-  // Restart from whatever is on screen so a mid-flight update never jumps.
-  anim.from = anim.shown;
-  anim.to = cents;
-  anim.start = performance.now();
-  if (REDUCED_MOTION || document.hidden) {
-    cancelAnimationFrame(anim.raf);
-    anim.raf = 0;
-    paintGmv((anim.shown = cents));
-  } else if (!anim.raf) {
-    anim.raf = requestAnimationFrame(stepGmv);
+  const previous = counter.target;
+  if (cents === previous) return;
+  const gap = now - counter.lastAt;
+  counter.lastAt = now;
+  if (previous === null || direct || cents < previous || REDUCED_MOTION || document.hidden) {
+    stopRun();
+    counter.target = cents;
+    showTotal(cents);
+    return;
   }
+  // A gap of several seconds is a pause, not the rate: keep the interval learnt before.
+  if (gap < 3000) counter.interval = 0.6 * counter.interval + 0.4 * gap;
+  counter.from = counter.shown;
+  counter.target = cents;
+  counter.start = now;
+  counter.run = Math.min(MAX_RUN_MS, Math.max(MIN_RUN_MS, 0.9 * counter.interval));
+  if (!counter.raf) counter.raf = requestAnimationFrame(stepCounter);
 }
 
-function stepGmv(now) {
-  const t = Math.min(1, Math.max(0, (now - anim.start) / ANIM_MS));
-  // Land exactly on the target: the eased float is only used in between.
-  anim.shown = t >= 1 ? anim.to : Math.round(anim.from + (anim.to - anim.from) * easeOut(t));
-  paintGmv(anim.shown);
-  anim.raf = t < 1 ? requestAnimationFrame(stepGmv) : 0;
+function stepCounter(now) {
+  counter.raf = 0;
+  const t = (now - counter.start) / counter.run;
+  // Land exactly on the target; in between, whole cents below it.
+  const shown = t >= 1 ? counter.target
+    : Math.min(counter.target, counter.from + Math.floor((counter.target - counter.from) *
+      Math.max(0, t)));
+  showTotal(shown);
+  if (shown < counter.target) counter.raf = requestAnimationFrame(stepCounter);
 }
 
-const gmvInt = document.querySelector('#gmv .int');
-const gmvDec = document.querySelector('#gmv .dec');
+function stopRun() {
+  if (counter.raf) cancelAnimationFrame(counter.raf);
+  counter.raf = 0;
+}
 
-function paintGmv(cents) {
-  const p = usdParts(cents);
+// A hidden tab runs no frames: on its return, show the newest total at once.
+document.addEventListener('visibilitychange', () => {
+  if (!document.hidden && counter.target !== null && counter.shown !== counter.target) {
+    stopRun();
+    showTotal(counter.target);
+  }
+});
+
+const gmvNode = $('gmv');
+const gmvCur = gmvNode.querySelector('.cur');
+const gmvInt = gmvNode.querySelector('.int');
+const gmvDec = gmvNode.querySelector('.dec');
+
+// Paint one displayed value everywhere the total appears.
+function showTotal(cents) {
+  counter.shown = cents;
+  const p = moneyParts(cents);
+  setText(gmvCur, money.sym);
   setText(gmvInt, p.int);
   setText(gmvDec, `.${p.dec}`);
+  gmvNode.dataset.shown = String(cents);
+  const now = $('race-now');
+  now.dataset.cents = String(cents);
+  setText(now, formatCompact(cents));
 }
 
 /* ---------- rendering ---------- */
@@ -218,19 +318,42 @@ function syncRows(list, n, build) {
   return [...list.children];
 }
 
-function render() {
+function renderCurrency(cur) {
+  const rate = wantRmb && isPlainObject(cur) ? parseRate(cur.rmb_per_usd) : null;
+  const code = rate ? 'RMB' : 'USD';
+  const changed = money.code !== code || (rate && rate.text) !== (money.rate && money.rate.text);
+  Object.assign(money, { code, sym: rate ? '¥' : '$', rate, rateText: rate ? rate.text : '' });
+  document.documentElement.dataset.currency = code.toLowerCase();
+  setText($('eyebrow'), `Gross merchandise value · ${code}`);
+  const note = $('rate-note');
+  note.hidden = !wantRmb;
+  setText(note, rate ? `RMB at ${rate.text} per USD` : 'RMB rate not available: USD shown');
+  note.title = rate && isPlainObject(cur) && typeof cur.basis === 'string' ? cur.basis : '';
+  const toggle = $('currency-toggle');
+  setText(toggle, wantRmb ? 'USD' : 'RMB');
+  toggle.setAttribute('aria-label', `Show amounts in ${wantRmb ? 'USD' : 'RMB'}`);
+  return changed;
+}
+
+function render(direct) {
   const s = state;
   const win = isPlainObject(s.window) ? s.window : {};
-  setGmvTarget(isInt(s.gmv_cents) ? s.gmv_cents : 0);
+  const currencyChanged = renderCurrency(s.currency);
+  if (currencyChanged && counter.shown !== null) showTotal(counter.shown);
+  setTotal(isInt(s.gmv_cents) ? s.gmv_cents : 0, direct);
   setText($('orders'), isInt(s.orders) ? group(s.orders) : '—');
   setText($('brands'), isInt(s.brands_active) ? group(s.brands_active) : '—');
   setCount($('brands-overseas'), s.brands_overseas_active);
   setCount($('brands-first-time'), s.brands_first_time_active);
+  setCount($('brands-big'), s.brands_big);
+  setText($('brands-big-threshold'), money.code === 'USD' && isInt(s.brands_big_threshold_cents)
+    ? formatMoney(s.brands_big_threshold_cents).replace(/\.00$/, '') : 'RMB 100M');
   setCount($('chatbot'), s.chatbot_queries);
+  renderOrdersPerSecond(s.orders_per_second, s.peak_orders_per_second);
   const rate = $('rate');
   rate.dataset.cents = isInt(s.gmv_last_minute_cents) ? String(s.gmv_last_minute_cents) : '';
-  setText(rate, isInt(s.gmv_last_minute_cents) ? formatCompactUSD(s.gmv_last_minute_cents) : '—');
-  rate.title = isInt(s.gmv_last_minute_cents) ? formatUSD(s.gmv_last_minute_cents) : '';
+  setText(rate, isInt(s.gmv_last_minute_cents) ? formatCompact(s.gmv_last_minute_cents) : '—');
+  rate.title = isInt(s.gmv_last_minute_cents) ? formatMoney(s.gmv_last_minute_cents) : '';
   fitKpis();
   if (win.label) {
     setText($('label'), win.label.replace(/^11\.11\s*/, ''));
@@ -238,7 +361,11 @@ function render() {
   }
   renderClock(s.sim_time, s.minute, win);
   renderReplay(isPlainObject(s.replay) ? s.replay : null);
-  renderCompare(isPlainObject(s.compare) ? s.compare : null, s.gmv_cents, win);
+  const cmp = isPlainObject(s.compare) ? s.compare : null;
+  renderCompare(cmp, s.gmv_cents, win);
+  renderChart(isPlainObject(s.curve) ? s.curve : null, cmp, win, currencyChanged);
+  renderMilestones(Array.isArray(s.milestones) ? s.milestones : [], direct);
+  renderTopBrands(Array.isArray(s.top_brands) ? s.top_brands : []);
   renderPlatforms(Array.isArray(s.platforms) ? s.platforms : []);
   renderCountries(Array.isArray(s.countries) ? s.countries : []);
   renderStats(isPlainObject(s.stats) ? s.stats : {});
@@ -254,7 +381,7 @@ function renderClock(simTime, minute, win) {
   setText($('day'), [day ? `Day ${day} of ${days}` : '', t ? zoneLabel(t.offset) : '']
     .filter(Boolean).join(' · '));
 
-  const frac = isInt(minute) && total ? Math.min(1, Math.max(0, minute / total)) : 0;
+  const frac = isInt(minute) && total ? Math.min(1, Math.max(0, (minute + 1) / total)) : 0;
   const bar = $('progress');
   bar.dataset.value = frac.toFixed(4);
   bar.setAttribute('aria-valuenow', (frac * 100).toFixed(1));
@@ -263,10 +390,10 @@ function renderClock(simTime, minute, win) {
   renderTicks(win.start, days);
 }
 
-// The four KPI figures share one size, as large as the longest of them allows (CSS --chars).
-const KPI_IDS = ['orders', 'brands', 'rate', 'chatbot'];
+// The KPI figures share one size, as large as the longest of them allows (CSS --chars).
+const KPI_IDS = ['orders', 'ops', 'brands', 'brands-big', 'rate', 'chatbot'];
 function fitKpis() {
-  const chars = String(Math.max(9, ...KPI_IDS.map((id) => $(id).textContent.length)));
+  const chars = String(Math.max(7, ...KPI_IDS.map((id) => $(id).textContent.length)));
   const row = document.querySelector('.kpis');
   if (row.style.getPropertyValue('--chars') !== chars) row.style.setProperty('--chars', chars);
 }
@@ -275,6 +402,14 @@ function fitKpis() {
 function setCount(node, n) {
   node.dataset.value = isInt(n) ? String(n) : '';
   setText(node, isInt(n) ? group(n) : '—');
+}
+
+function renderOrdersPerSecond(now, peak) {
+  setCount($('ops'), now);
+  const p = isPlainObject(peak) && isInt(peak.value) ? peak : null;
+  const node = $('ops-peak');
+  node.dataset.value = p ? String(p.value) : '';
+  setText(node, p ? `peak ${group(p.value)}${p.at ? ` · ${formatMoment(p.at)}` : ''}` : 'peak —');
 }
 
 const REPLAY_ICONS = { playing: '▶', paused: '❚❚', seeking: '⏩', done: '■' };
@@ -290,26 +425,30 @@ function renderReplay(r) {
   const st = typeof r.state === 'string' ? r.state : '';
   node.dataset.state = st;
   node.dataset.loop = String(r.loop === true);
-  setText(node.firstElementChild, REPLAY_ICONS[st] || '•');
-  setText(node.lastElementChild, st === 'playing' ? formatSpeed(r.speed) : st || 'replay');
+  setText(node.querySelector('.replay-icon'), REPLAY_ICONS[st] || '•');
+  setText(node.querySelector('.replay-text'), st === 'playing' ? formatSpeed(r.speed) : st || 'replay');
   node.title = [`Replay${r.scenario ? ` of ${r.scenario}` : ''}`, formatSpeed(r.speed),
     isInt(r.minute) ? `minute ${r.minute}` : '', r.loop === true ? 'looping' : '']
     .filter(Boolean).join(' · ');
 }
 
-// This year against last year: the change at the same elapsed time, two thin bars on one
-// scale (so last year's final total is a finish line), and a badge once it was passed.
+// This year against last year: the change at the same elapsed time (only where it means
+// something: not while last year had barely started), last year's figure then, and a badge
+// once this year passed last year's total.
 function renderCompare(cmp, gmv, win) {
   const race = $('race');
   const label = cmp && typeof cmp.label === 'string' && cmp.label ? cmp.label : 'last year';
   const then = cmp && isInt(cmp.gmv_cents) ? cmp.gmv_cents : null;
   const total = cmp && isInt(cmp.total_cents) ? cmp.total_cents : null;
   const now = isInt(gmv) ? gmv : null;
+  const meaningful = !cmp || cmp.meaningful !== false;
 
   const compare = $('compare');
-  const pm = now !== null && then !== null && then > 0 ? changePerMille(now, then) : null;
+  const pm = meaningful && now !== null && then !== null && then > 0
+    ? changePerMille(now, then) : null;
   compare.dataset.pct = pm === null ? '' : perMilleText(pm);
   compare.dataset.trend = pm === null ? '' : pm > 0 ? 'up' : pm < 0 ? 'down' : 'flat';
+  compare.hidden = pm === null;
   setText(compare.firstElementChild, `vs ${label} at this time: `);
   setText(compare.lastElementChild, pm === null ? '—' : `${pm > 0 ? '+' : ''}${perMilleText(pm)}%`);
 
@@ -322,20 +461,15 @@ function renderCompare(cmp, gmv, win) {
     setText(passed, `Passed ${last}'s total${t ? ` at ${formatWallClock(t)}` : ''}`);
   }
   setText($('compare-goal'), total !== null && passedAt === null
-    ? `${last} total ${formatCompactUSD(total)}` : '');
+    ? `${last} total ${formatCompact(total)}` : '');
 
   const start = parseWallClock(win.start);
   setText($('race-now-label'), start ? String(start.y) : 'This year');
-  setText($('race-then-label'), last);
-  setText($('race-now'), now !== null ? formatCompactUSD(now) : '—');
-  setText($('race-then'), then !== null ? formatCompactUSD(then) : '—');
-  const scale = Math.max(now || 0, then || 0, total || 0);
-  const share = (v) => (scale > 0 && v !== null ? Math.min(1, v / scale) : 0);
+  setText($('legend-now'), start ? String(start.y) : 'this year');
+  setText($('legend-then'), cmp ? last : 'last year');
+  setText($('race-then-label'), `${last} at this time`);
+  setText($('race-then'), then !== null ? formatCompact(then) : '—');
   race.dataset.empty = String(cmp === null);
-  race.style.setProperty('--now', share(now));
-  race.style.setProperty('--then', share(then));
-  race.style.setProperty('--goal', share(total));
-  race.dataset.goal = String(total !== null);
 }
 
 // One label per festival day, computed as calendar dates (UTC used purely
@@ -358,19 +492,18 @@ function renderTicks(start, days) {
 
 function barRow() {
   const li = el('li', 'row');
-  li.append(el('span', 'rank'), el('span', 'name'), el('span', 'val'), el('span', 'pct'),
-    el('span', 'track'));
-  li.lastChild.append(el('span', 'fill'));
+  li.append(el('span', 'rank'), el('span', 'name'), el('span', 'val'), el('span', 'pct'));
   return li;
 }
 
 function fillRow(li, { rank = '', name, cents, pct, share }) {
   setText(li.children[0], rank);
   setText(li.children[1], name);
-  setText(li.children[2], formatCompactUSD(cents));
+  li.children[1].title = name;
+  setText(li.children[2], formatCompact(cents));
   setText(li.children[3], pct);
   li.dataset.cents = String(cents);
-  li.style.setProperty('--w', Math.max(0, Math.min(1, share)));
+  li.style.setProperty('--w', Math.max(0, Math.min(1, share)).toFixed(4));
 }
 
 function renderPlatforms(platforms) {
@@ -396,9 +529,138 @@ function renderCountries(countries) {
   });
 }
 
+/* ---------- the story: top brands, milestones, the curve ---------- */
+
+function renderTopBrands(brands) {
+  const top = brands.filter((b) => isPlainObject(b) && isInt(b.gmv_cents)).slice(0, 10);
+  const lead = top.length ? top[0].gmv_cents : 0;
+  const rows = syncRows($('top-brands'), top.length, barRow);
+  top.forEach((b, i) => {
+    rows[i].dataset.id = String(b.id);
+    fillRow(rows[i], { rank: String(i + 1), name: typeof b.name === 'string' ? b.name : `#${b.id}`,
+      cents: b.gmv_cents, pct: '', share: lead ? b.gmv_cents / lead : 0 });
+  });
+}
+
+// Which milestones this view tells: its own currency's GMV ones, and every other kind.
+function milestoneShown(m) {
+  return isPlainObject(m) && typeof m.key === 'string' &&
+    (m.kind !== 'gmv' || m.currency === money.code);
+}
+
+function milestoneParts(m) {
+  return { label: typeof m.label === 'string' ? m.label : m.key,
+    elapsed: typeof m.elapsed_s === 'number' ? `in ${formatElapsed(m.elapsed_s)}` : '',
+    at: formatMoment(m.at) };
+}
+
+const MILESTONE_ROWS = 12;   // the newest; the panel shows as many as fit
+const BANNER_MS = 7000;
+let milestonesSeen = null;  // keys reached, as this viewer knows them (null: nothing yet)
+let bannerTimer = 0;
+
+function renderMilestones(all, direct) {
+  const reached = all.filter(milestoneShown);
+  const keys = new Set(reached.map((m) => m.key));
+  // A milestone newly reached while this viewer watches gets the banner: not those already
+  // in the first snapshot (a reload), and after a seek back only those reached again.
+  const fresh = milestonesSeen === null || direct ? []
+    : reached.filter((m) => !milestonesSeen.has(m.key));
+  milestonesSeen = keys;
+  if (fresh.length) showBanner(fresh[fresh.length - 1]);
+
+  const list = $('milestones');
+  const shown = reached.slice(-MILESTONE_ROWS).reverse(); // newest first
+  const rows = syncRows(list, shown.length, () => {
+    const li = el('li', 'ms');
+    li.append(el('span', 'ms-label'), el('span', 'ms-elapsed'), el('span', 'ms-at'));
+    return li;
+  });
+  shown.forEach((m, i) => {
+    const p = milestoneParts(m);
+    rows[i].dataset.key = m.key;
+    rows[i].dataset.kind = String(m.kind);
+    setText(rows[i].children[0], p.label);
+    setText(rows[i].children[1], p.elapsed);
+    setText(rows[i].children[2], p.at);
+  });
+}
+
+function showBanner(m) {
+  const banner = $('banner');
+  const p = milestoneParts(m);
+  banner.dataset.key = m.key;
+  banner.dataset.kind = String(m.kind);
+  setText(banner.querySelector('.banner-label'), p.label);
+  setText(banner.querySelector('.banner-elapsed'), p.elapsed);
+  setText(banner.querySelector('.banner-at'), p.at);
+  // Restart the one-shot entrance for a banner that replaces another.
+  banner.hidden = true;
+  void banner.offsetWidth;
+  banner.hidden = false;
+  clearTimeout(bannerTimer);
+  bannerTimer = setTimeout(() => { banner.hidden = true; }, BANNER_MS);
+}
+
+// Cumulative GMV by bucket, this year over last year's whole curve, in an SVG whose
+// viewBox is the chart's own units (x: minutes of the window, y: 0..1000 of the scale);
+// strokes do not scale, so lines are as crisp at 2160p as at 1080p. Redrawn only when the
+// curve, last year's curve or the currency changes.
+const SVG_W = 1000;
+const SVG_H = 400;
+let chartKey = '';
+
+function renderChart(curve, cmp, win, force) {
+  const now = curve && Array.isArray(curve.cents) ? curve.cents.filter(isInt) : [];
+  const then = cmp && Array.isArray(cmp.curve_cents) ? cmp.curve_cents.filter(isInt) : [];
+  const bucket = curve && isInt(curve.bucket_minutes) && curve.bucket_minutes > 0
+    ? curve.bucket_minutes : 0;
+  const minutes = isInt(win.minutes) && win.minutes > 0 ? win.minutes : 0;
+  const key = `${bucket}/${minutes}/${now.length}/${now[now.length - 1]}/${then.length}/` +
+    `${then[then.length - 1]}`;
+  if (key === chartKey && !force) return;
+  chartKey = key;
+  const chart = $('chart');
+  chart.dataset.points = String(now.length);
+  chart.dataset.empty = String(!bucket || !minutes || (!now.length && !then.length));
+  if (chart.dataset.empty === 'true') {
+    for (const id of ['chart-now', 'chart-area', 'chart-then']) $(id).setAttribute('d', '');
+    return;
+  }
+  const buckets = Math.ceil(minutes / bucket);
+  const lastTotal = then.length ? then[then.length - 1] : 0;
+  const top = Math.max(lastTotal, ...now, 1) * 1.06;
+  const x = (i) => ((Math.min(minutes, (i + 1) * bucket) / minutes) * SVG_W).toFixed(1);
+  const y = (c) => (SVG_H - (c / top) * SVG_H).toFixed(1);
+  const line = (values) => `M0 ${SVG_H}` + values.map((c, i) => `L${x(i)} ${y(c)}`).join('');
+  $('chart-then').setAttribute('d', then.length ? line(then.slice(0, buckets)) : '');
+  const nowPath = now.length ? line(now.slice(0, buckets)) : '';
+  $('chart-now').setAttribute('d', nowPath);
+  $('chart-area').setAttribute('d', now.length
+    ? `${nowPath}L${x(Math.min(now.length, buckets) - 1)} ${SVG_H}Z` : '');
+  const goal = $('chart-goal');
+  goal.hidden = !lastTotal;
+  goal.style.setProperty('--y', (1 - lastTotal / top).toFixed(4));
+  const peak = Math.max(lastTotal, ...now, 1);
+  setText($('chart-top'), formatCompact(peak));
+  $('chart-top').style.setProperty('--y', (1 - peak / top).toFixed(4));
+  const start = parseWallClock(win.start);
+  if (start) {
+    const end = new Date(Date.UTC(start.y, start.mo - 1, start.d) + (minutes - 1) * 60000);
+    setText($('chart-start'), `${MONTHS[start.mo - 1]} ${start.d}`);
+    setText($('chart-end'), `${MONTHS[end.getUTCMonth()]} ${end.getUTCDate()}`);
+  }
+}
+
 function renderStats(st) {
-  const parts = ['batches', 'rejected', 'duplicates', 'gaps', 'shards']
-    .filter((k) => isInt(st[k])).map((k) => `${k} ${group(st[k])}`);
+  const parts = ['batches', 'rejected', 'duplicates', 'gaps'].filter((k) => isInt(st[k]))
+    .map((k) => `${k} ${group(st[k])}`);
+  if (isInt(st.shards)) {
+    parts.push(`shards ${st.shards}${isInt(st.shards_expected) ? `/${st.shards_expected}` : ''}`);
+  }
+  if (Array.isArray(st.shards_quiet) && st.shards_quiet.length) {
+    parts.push(`quiet ${st.shards_quiet.map(String).join(', ')}`);
+  }
   // What the server refused from the broker shows only when there is some.
   const ignored = ['ignored_totals', 'ignored_replay'].filter((k) => isInt(st[k]))
     .reduce((sum, k) => sum + st[k], 0);
@@ -409,46 +671,54 @@ function renderStats(st) {
   setText($('stats'), [`seq ${seq}`, ...parts].join('  ·  '));
 }
 
+/* ---------- freshness: LIVE, STALE · 12 s, reconnecting ---------- */
+
+const STALE_AFTER_MS = 5000;
+const upstream = { ageMs: undefined, at: 0 }; // undefined: no heartbeat yet on this socket
+
+// LIVE only while the server heard from an aggregator within 5 s (its age at the last
+// heartbeat plus the time since), so a dead aggregator, a silent server or a frozen link
+// all turn the badge STALE with its age, whatever else still arrives.
+function checkFreshness() {
+  if (socket === null || socket.readyState !== WebSocket.OPEN) return;
+  if (upstream.ageMs === undefined) {
+    // Connected, no heartbeat yet: at most a second, unless the server is silent.
+    if (performance.now() - upstream.at > STALE_AFTER_MS) setStatus('stale', null);
+    return;
+  }
+  const age = upstream.ageMs === null ? null : upstream.ageMs + performance.now() - upstream.at;
+  setStatus(age !== null && age <= STALE_AFTER_MS ? 'live' : 'stale', age);
+}
+setInterval(checkFreshness, 1000);
+
+function setStatus(s, ageMs) {
+  const status = $('status');
+  status.dataset.state = s;
+  status.dataset.ageMs = typeof ageMs === 'number' ? String(Math.round(ageMs)) : '';
+  document.body.dataset.conn = s; // lets CSS dim figures while they may be stale
+  const label = s === 'live' ? 'Live' : s === 'stale'
+    ? `Stale · ${typeof ageMs === 'number' ? formatAge(ageMs) : 'no data'}`
+    : s === 'reconnecting' ? 'Reconnecting…' : 'Connecting…';
+  setText($('status-label'), label);
+}
+
 /* ---------- connection ---------- */
 
 const WS_URL = (location.protocol === 'https:' ? 'wss://' : 'ws://') + location.host + '/ws';
 const BACKOFF_MIN_MS = 500;
 const BACKOFF_MAX_MS = 5000;
-const STATUS_LABELS = {
-  connecting: 'Connecting…', live: 'Live', stale: 'Stale', reconnecting: 'Reconnecting…',
-};
-const STALE_AFTER_MS = 5000;
 let socket = null;
 let attempt = 0;
-let lastFrameAt = 0;
-let lastUpstreamAgeMs = 0;
-
-// Connected but not fresh: no frame for a few seconds, or the server itself has not heard
-// from any aggregator for a few seconds. The numbers stay up, dimmed, marked stale.
-function noteAlive() {
-  lastFrameAt = performance.now();
-  checkFreshness();
-}
-
-function checkFreshness() {
-  if (socket === null || socket.readyState !== WebSocket.OPEN) return;
-  const quiet = performance.now() - lastFrameAt > STALE_AFTER_MS;
-  setStatus(quiet || lastUpstreamAgeMs > STALE_AFTER_MS ? 'stale' : 'live');
-}
-setInterval(checkFreshness, 1000);
-
-function setStatus(s) {
-  $('status').dataset.state = s;
-  document.body.dataset.conn = s; // lets CSS dim figures while they may be stale
-  setText($('status-label'), STATUS_LABELS[s]);
-}
 
 function connect() {
   const ws = new WebSocket(WS_URL);
   socket = ws;
   ws.onopen = () => {
     attempt = 0;
-    noteAlive();
+    freshSocket = true;
+    upstream.ageMs = undefined;
+    upstream.at = performance.now();
+    setStatus('connecting', null);
   };
   ws.onmessage = (ev) => handleMessage(ev.data);
   // No onerror handler: 'close' always follows 'error', so retrying lives there.
@@ -469,12 +739,27 @@ function sendControl(frame) {
 // Exponential backoff with "equal jitter" so a wall of screens doesn't
 // reconnect in lockstep after a server restart.
 function scheduleReconnect() {
-  setStatus('reconnecting');
+  setStatus('reconnecting', null);
   const ceiling = Math.min(BACKOFF_MAX_MS, BACKOFF_MIN_MS * 2 ** attempt);
   attempt = Math.min(attempt + 1, 10);
   setTimeout(connect, ceiling / 2 + Math.random() * (ceiling / 2));
 }
 
-if (KIOSK) document.documentElement.classList.add('kiosk');
-setStatus('connecting');
+// USD or RMB, outside kiosk mode: the choice goes into the address, so a reload keeps it.
+$('currency-toggle').addEventListener('click', () => {
+  wantRmb = !wantRmb;
+  const params = new URLSearchParams(location.search);
+  if (wantRmb) params.set('currency', 'rmb'); else params.delete('currency');
+  const query = params.toString();
+  history.replaceState(null, '', `${location.pathname}${query ? `?${query}` : ''}`);
+  if (state !== null) {
+    milestonesSeen = null; // the other currency's milestones are not news
+    render(false);
+  } else {
+    renderCurrency(null);
+  }
+});
+
+renderCurrency(null);
+setStatus('connecting', null);
 connect();
