@@ -134,7 +134,7 @@ async def test_operator_pauses_the_replay_from_the_page_with_the_token(page):
         await playwright.expect(result).to_have_text("bad token")
         await page.fill("#operator-token", token)
         await page.click("#operator-pause")
-        await playwright.expect(result).to_have_text("paused ✓")
+        await playwright.expect(result).to_have_text(re.compile(r"^paused at 11-11 \d\d:\d\d ✓$"))
         await playwright.expect(page.locator("#replay")).to_have_attribute(
             "data-state", "paused", timeout=10_000)
         held = await page.locator("#gmv").get_attribute("data-cents")

@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticker.control import Command, ControlError, FailureLimiter, Verifier, parse_command, sign
+from ticker.control import Answer, Command, ControlError, FailureLimiter, Verifier, nonce_of, \
+    parse_command, read_answer, sign, sign_answer
 
 KEY = "s3cret-token"
 NOW = 1_700_000_000.0
@@ -160,3 +161,29 @@ def test_failure_limiter_allows_a_burst_then_one_failure_a_second():
     for _ in range(5):
         limiter.failed(NOW + 100)
     assert limiter.retry_in(NOW + 100) > 0
+
+
+def test_an_answer_reads_as_verified_only_with_the_replays_token():
+    """A replay's answer, MAC'd with its token, reads back as itself and verified with that
+    token; with another token (a wrong one, or a forger's) it reads unverified, and anything
+    that is not an answer is a ControlError."""
+    answer = Answer(NONCE, "pause", True, "paused at 11-11 00:31", "sim-1")
+    payload = sign_answer(answer, KEY)
+    assert read_answer(payload, KEY) == Answer(NONCE, "pause", True, "paused at 11-11 00:31",
+                                               "sim-1", verified=True)
+    assert not read_answer(payload, "other").verified
+    forged = orjson.dumps({**orjson.loads(payload), "ok": False})
+    assert not read_answer(forged, KEY).verified
+    for junk in (b"", b"[]", b'{"v": 1}', b"x" * 5000):
+        with pytest.raises(ControlError):
+            read_answer(junk, KEY)
+    assert answer.line() == ("pause done by replay sim-1: paused at 11-11 00:31 (unverified: "
+                             "this token does not match the replay's)")
+
+
+def test_the_nonce_of_a_command_is_found_even_when_it_does_not_verify():
+    """A refusal must reach its sender: the nonce is read from any well-formed command,
+    signed with any key, and from nothing else."""
+    assert nonce_of(sign(Command("pause"), "wrong", now=NOW, nonce=NONCE)) == NONCE
+    assert nonce_of(b'{"nonce": "not hex"}') is None
+    assert nonce_of(b"not json") is None

@@ -8,6 +8,12 @@ the operator's token and covers the canonical encoding of every other field (`_c
 Whoever sends a command (`gmv control`, the ticker server for an operator on the page, the
 replay for `reset`) calls `sign`; whoever obeys (the replay, the aggregator for `reset`) keeps a
 `Verifier`, which refuses a command older than `max_age` or one it has seen before.
+
+The replay that gets a command answers it on `{prefix}/answers`: `{"v": 1, "nonce": N, "cmd":
+C, "ok": true | false, "detail": "paused at 11-11 00:31" | the reason, "by": producer,
+"mac": …}`, MAC'd with its token, so the sender (`gmv control`, the ticker server) knows what
+happened. A sender believes an `ok` only if its MAC checks with its own token; a refusal it
+cannot check (a wrong token) is still shown, as unverified.
 """
 
 from __future__ import annotations
@@ -175,6 +181,59 @@ class FailureLimiter:
         if now > self._at:
             self._level = min(self.burst, self._level + (now - self._at) / self.refill)
             self._at = now
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A replay's answer to one command (its nonce): obeyed or refused, and what it did or
+    why not. `verified`: the MAC checked with the reader's token."""
+
+    nonce: str
+    cmd: str
+    ok: bool
+    detail: str
+    by: str
+    verified: bool = False
+
+    def line(self) -> str:
+        what = "done" if self.ok else "refused"
+        return f"{self.cmd} {what} by replay {self.by}: {self.detail}" + \
+            ("" if self.verified else " (unverified: this token does not match the replay's)")
+
+
+def nonce_of(payload: bytes) -> str | None:
+    """The nonce of a command message, if it has a well-formed one (to address an answer,
+    even to a command that fails to verify)."""
+    try:
+        doc = orjson.loads(payload) if len(payload) <= MAX_COMMAND_BYTES else None
+    except orjson.JSONDecodeError:
+        return None
+    nonce = doc.get("nonce") if isinstance(doc, dict) else None
+    return nonce if isinstance(nonce, str) and _NONCE.fullmatch(nonce) else None
+
+
+def sign_answer(answer: Answer, key: str) -> bytes:
+    body = {"v": 1, "nonce": answer.nonce, "cmd": answer.cmd, "ok": answer.ok,
+            "detail": answer.detail[:200], "by": answer.by[:64]}
+    return orjson.dumps({**body, "mac": _mac(key, body)})
+
+
+def read_answer(payload: bytes, key: str) -> Answer:
+    """An answer message, checked for shape; `verified` if its MAC checks with `key`.
+    ControlError if it is not an answer."""
+    try:
+        doc = orjson.loads(payload) if len(payload) <= MAX_COMMAND_BYTES else None
+    except orjson.JSONDecodeError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("v") != 1:
+        raise ControlError("not a version 1 answer")
+    mac = doc.pop("mac", None)
+    nonce, cmd, ok, detail, by = (doc.get(k) for k in ("nonce", "cmd", "ok", "detail", "by"))
+    if not (isinstance(nonce, str) and _NONCE.fullmatch(nonce) and isinstance(cmd, str)
+            and isinstance(ok, bool) and isinstance(detail, str) and isinstance(by, str)):
+        raise ControlError("an answer needs nonce, cmd, ok, detail and by")
+    verified = isinstance(mac, str) and hmac.compare_digest(mac, _mac(key, doc))
+    return Answer(nonce, cmd[:16], ok, detail[:200], by[:64], verified)
 
 
 def minute_of(text: str, window: Window) -> int:

@@ -4,9 +4,11 @@ Fan-out is one pass per version, driven by the pusher (no task per viewer): each
 snapshot and update are encoded once, framed once as websocket text frames, and written to
 every viewer's transport -- the update to viewers holding the previous version, the snapshot
 to the others. A viewer whose socket buffer is full is skipped: it gets the newest state as
-a snapshot once it drains, so a slow viewer never grows a queue or slows the others. With
-nothing new for a second, every viewer gets one shared `heartbeat` saying how long ago the
-server last heard from an aggregator, so a page can tell "connected but stale" from "live".
+a snapshot once it drains, so a slow viewer never grows a queue or slows the others. Every
+second, whether or not the view changed, every viewer gets one shared `heartbeat` saying how
+long ago the server last heard live totals from an expected shard, so a page can tell
+"connected but stale" from "live": only those totals make it fresh, so a replay status that still changes cannot keep a page
+"LIVE" while the aggregators are dead. A replay status expires 5 s after the last one.
 (docs/performance.md: 5,000 viewers at 10 Hz; the per-viewer-task design took 3x the CPU.)
 
 Nothing a publisher or a client sends can raise out of here: MQTT messages are checked by the
@@ -38,7 +40,7 @@ from websockets.protocol import State
 
 from .control import ControlError, FailureLimiter, parse_command, sign
 from .logthrottle import LogThrottle
-from .feed import Comparison, Feed, MessageError, UnknownShard
+from .feed import Comparison, Currency, Feed, MessageError, UnknownShard, default_name
 
 log = logging.getLogger(__name__)
 
@@ -65,18 +67,22 @@ class TickerServer:
                  allowed_origins: list[str] | None = None,
                  comparison: Comparison | None = None, control_token: str | None = None,
                  send_control: Callable[[bytes], Awaitable[None]] | None = None,
-                 expected_shards: int = 1, max_viewers: int = 10_000) -> None:
+                 expected_shards: int = 1, max_viewers: int = 10_000,
+                 brand_name: Callable[[int], str] = default_name,
+                 currency: Currency | None = None) -> None:
         """`control_token` and `send_control`: an operator on the page (?operator=1) who
         gives the token may pause, resume, seek or change the speed of the replay; the
         command goes out signed with the token (`control.sign`), never carrying it.
         `expected_shards`: the aggregator shards "0" .. "N-1" whose totals are merged.
         `max_viewers`: open websockets at most (lowered to what the open-files limit can
-        hold); past it, a new one gets HTTP 503."""
+        hold); past it, a new one gets HTTP 503. `brand_name` and `currency`: the names of
+        brand ids and the festival's exchange rate, for the view (`Feed`)."""
         if push_hz <= 0:
             raise ValueError(f"push_hz={push_hz}: must be positive")
         if max_viewers <= 0:
             raise ValueError(f"max_viewers={max_viewers}: must be positive")
-        self.feed = Feed(comparison, expected_shards=expected_shards)
+        self.feed = Feed(comparison, expected_shards=expected_shards, brand_name=brand_name,
+                         currency=currency)
         self.control_token = control_token
         self.send_control = send_control
         self.web_dir = web_dir.resolve()
@@ -91,7 +97,6 @@ class TickerServer:
         self._primed = asyncio.Event()  # set once the view holds real totals
         self.prime_timeout = 2.0
         self.heartbeat_interval = 1.0
-        self._last_totals_at = -math.inf  # nothing heard yet: not fresh
         self._wrong_tokens = FailureLimiter(burst=5, refill=1.0)  # shared by all viewers
         self._ignored_log, self._refused_log = LogThrottle(), LogThrottle()
 
@@ -107,11 +112,10 @@ class TickerServer:
         parent, _, level = topic.rpartition("/")
         try:
             if parent.rpartition("/")[2] == "totals":
-                self.feed.accept_totals(level, payload)
-                if not retained:
-                    self._last_totals_at = time.monotonic()
+                # Only a live message from an expected shard says an aggregator is alive.
+                self.feed.accept_totals(level, payload, None if retained else time.monotonic())
             elif level == "replay":
-                self.feed.accept_replay(payload)
+                self.feed.accept_replay(payload, retained=retained, now=time.monotonic())
             else:
                 return
         except UnknownShard as exc:
@@ -129,14 +133,12 @@ class TickerServer:
         """A shard's checked totals (`feed.parse_totals`); `fresh` False for the broker's
         retained copy, which shows the last totals but says nothing about whether their
         aggregator is still alive."""
-        if fresh:
-            self._last_totals_at = time.monotonic()
-        self.feed.receive(totals)
+        self.feed.receive(totals, time.monotonic() if fresh else None)
         self._received.set()
 
     def _heartbeat(self) -> bytes:
-        age = time.monotonic() - self._last_totals_at
-        age_ms = int(age * 1000) if math.isfinite(age) else None
+        heard = self.feed.last_heard
+        age_ms = None if heard is None else int((time.monotonic() - heard) * 1000)
         return orjson.dumps({"type": "heartbeat", "seq": self.feed.seq,
                              "upstream_age_ms": age_ms})
 
@@ -144,20 +146,24 @@ class TickerServer:
         """Fold received totals into a new version at once, then at most `push_hz` times a
         second on a fixed grid (the fan-out's own time does not stretch the period)."""
         loop = asyncio.get_running_loop()
-        next_push = last_frame = loop.time()
+        next_push = last_beat = loop.time()
         while True:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.heartbeat_interval):
+                async with asyncio.timeout(max(last_beat + self.heartbeat_interval
+                                               - loop.time(), 0)):
                     await self._received.wait()
             await asyncio.sleep(next_push - loop.time())
             self._received.clear()
+            self.feed.tick(time.monotonic())  # the replay status expires, quiet shards show
             now = loop.time()
             if self.feed.publish():
                 self._fan_out()
-                last_frame = now
-            elif now - last_frame >= self.heartbeat_interval:
-                self._write(list(self._sent), self._heartbeat())
-                last_frame = now
+            # Every second whatever else is sent: the page's only proof that totals are
+            # fresh (a replay status or a quiet-shard change must not keep it "LIVE").
+            if now - last_beat >= self.heartbeat_interval:
+                self._write([ws for ws in self._sent if ws.transport.get_write_buffer_size()
+                             <= WRITE_BUFFER_LIMIT], self._heartbeat())
+                last_beat = now
             if self.feed.shards:
                 self._primed.set()  # the view now holds real totals: new viewers may come
             next_push = max(next_push + self.push_interval, now)

@@ -9,7 +9,7 @@
   if (params.get('operator') !== '1' || params.get('kiosk') === '1') return;
 
   const TOKEN_KEY = 'gmv-ticker.operator-token';
-  const ANSWER_TIMEOUT_MS = 5000;
+  const ANSWER_TIMEOUT_MS = 5000; // the server waits 3 s for the replay's answer
   const DONE = { pause: 'paused', resume: 'resumed', speed: 'speed', seek: 'seeking' };
   const panel = document.getElementById('operator');
   const token = document.getElementById('operator-token');
@@ -61,8 +61,10 @@
     if (pending) clearTimeout(pending.timer);
     pending = null;
     if (msg.ok === true) {
+      // The replay's own word on what it did ("paused at 11-11 00:31"), else ours.
       const done = DONE[msg.cmd] || String(msg.cmd || 'done');
-      show(`${done}${mine && mine.detail ? ` ${mine.detail}` : ''} ✓`, true);
+      show(typeof msg.detail === 'string' && msg.detail ? `${msg.detail} ✓`
+        : `${done}${mine && mine.detail ? ` ${mine.detail}` : ''} ✓`, true);
     } else {
       show(typeof msg.error === 'string' && msg.error ? msg.error : `${msg.cmd || 'command'} failed`,
         false);
