@@ -38,6 +38,13 @@ class Catalog:
     def n_brands(self) -> int:
         return len(self.country)
 
+    def brand_name(self, brand: int) -> str:
+        """A made-up name for a brand id, from its home country: "US brand 00042". The
+        catalog is simulated, and the names say so; "Brand 42" for an id outside it."""
+        if not 0 <= brand < len(self.country):
+            return f"Brand {brand}"
+        return f"{COUNTRIES[int(self.country[brand])][0]} brand {brand:05d}"
+
     def sample_brands(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n brand ids drawn by popularity (inverse-CDF sampling, O(n log brands))."""
         u = rng.random(n) * self.popularity_cdf[-1]

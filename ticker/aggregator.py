@@ -33,7 +33,7 @@ import orjson
 
 from . import checkpoint
 from .control import ControlError, Verifier
-from .dimensions import Window
+from .dimensions import BIG_BRAND_CENTS, Window
 from .logthrottle import LogThrottle
 from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
 from .state import AggregateState
@@ -56,7 +56,8 @@ class Aggregator:
                  *, shard: str = "0", checkpoint_path: Path | None = None,
                  checkpoint_interval: float = 1.0, max_unacked: int = 16,
                  totals_interval: float = 0.05, first_time: np.ndarray | None = None,
-                 control_token: str | None = None) -> None:
+                 control_token: str | None = None,
+                 big_brand_cents: int = BIG_BRAND_CENTS) -> None:
         if checkpoint_interval <= 0:
             raise ValueError(f"checkpoint_interval={checkpoint_interval}: must be positive")
         if max_unacked <= 0:
@@ -66,10 +67,11 @@ class Aggregator:
         self.checkpoint_interval = checkpoint_interval
         self.max_unacked = max_unacked
         self.totals_interval = totals_interval
-        restored = checkpoint.load(checkpoint_path, limits, first_time) \
-            if checkpoint_path else None
+        restored = checkpoint.load(checkpoint_path, limits, first_time,
+                                   big_brand_cents=big_brand_cents) if checkpoint_path else None
         self.restored = restored is not None
-        self.state = restored or AggregateState(limits, first_time)
+        self.state = restored or AggregateState(limits, first_time,
+                                                big_brand_cents=big_brand_cents)
         self.checkpoints = 0
         # An operator's `reset` (a replay starting again) must be signed with this token.
         self.verifier = Verifier(control_token) if control_token else None

@@ -26,7 +26,7 @@ import orjson
 
 from simulator.curve_csv import CurveFileError, read_curve
 from simulator.flow import FlowControl, usd as _usd
-from simulator.history import curve, curve_like_for_like_2019, festival_years
+from simulator.history import curve, curve_like_for_like_2019, festival_years, festivals
 from simulator.publisher import PublishReport, Replay, ScenarioSource, Source
 from simulator.recording import CHATBOT, ORDERS, RecordingError, RecordingSource, \
     RecordingWriter
@@ -37,7 +37,7 @@ from .aggregator import Aggregator
 from .control import Command, ControlError, Verifier, minute_of, sign
 from .dimensions import Window
 from .errors import ConfigError
-from .feed import Comparison
+from .feed import Comparison, Currency
 from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_control, \
     watch_totals
 from .server import TickerServer, raise_fd_limit
@@ -106,6 +106,17 @@ def comparison_for(year: int) -> Comparison | None:
     return Comparison(label, cumulative)
 
 
+def screen_data(year: int | None, scenario: Scenario | None = None) -> dict:
+    """What the screen server shows beside the totals for a festival year: last year's curve,
+    the (simulated) brand names of the scenario and the year's exchange rate."""
+    if year is None or year not in festival_years():
+        return {}
+    fest = festivals()[year]
+    catalog = (scenario or scenario_for_year(year)).catalog
+    return {"comparison": comparison_for(year), "brand_name": catalog.brand_name,
+            "currency": Currency(fest.rmb_per_usd, fest.rate_basis)}
+
+
 def _limits(window: Window, brands: int = 250_000) -> Limits:
     return Limits(n_brands=brands, n_minutes=window.minutes, n_countries=12, n_platforms=3,
                   max_order_cents=10**10)
@@ -153,8 +164,9 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                     broker, topics, _limits(window), window, control_token=token,
                     first_time=scenario.catalog.first_time if scenario else None)
                 server = _ticker_server(
-                    args, token, comparison_for(year) if year else None,
-                    send_control=lambda payload: publisher.send(topics.control, payload))
+                    args, token, send_control=lambda payload: publisher.send(topics.control,
+                                                                             payload),
+                    **screen_data(year, scenario))
                 ws_server = await stack.enter_async_context(
                     await _listen(server, args.host, args.port))
             # Standalone, the task group serves until Ctrl-C; publish-only, it ends with the
@@ -225,7 +237,8 @@ async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
                                 shard=args.shard, checkpoint_path=path,
                                 checkpoint_interval=args.checkpoint_interval,
                                 max_unacked=args.max_unacked, first_time=first_time,
-                                control_token=args.control_token)
+                                control_token=args.control_token,
+                                big_brand_cents=args.big_brand_cents)
         await _check_broker(broker)
         state = (f"checkpoint {path}" + (f", resuming {aggregator.state.orders:,} orders"
                                          if aggregator.restored else "")
@@ -251,9 +264,10 @@ async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
     async with AsyncExitStack() as stack:
         publisher = await stack.enter_async_context(ReliablePublisher(broker))
         server = _ticker_server(
-            args, args.control_token, comparison_for(int(args.scenario)),
+            args, args.control_token,
             send_control=lambda payload: publisher.send(topics.control, payload),
-            expected_shards=args.shards)
+            expected_shards=args.shards, **screen_data(int(args.scenario),
+                                                       _scenario(args.scenario, args)))
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
         tg = await stack.enter_async_context(asyncio.TaskGroup())
         tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch-totals")
@@ -265,13 +279,12 @@ async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
     return 0
 
 
-def _ticker_server(args: argparse.Namespace, token: str | None,
-                   comparison: Comparison | None, **options) -> TickerServer:
+def _ticker_server(args: argparse.Namespace, token: str | None, **options) -> TickerServer:
     """The screen server, after raising the open-files limit so that every viewer it admits
     has a descriptor (the default 1024 ran out at about 1,000 idle websockets)."""
     raise_fd_limit()
     return TickerServer(allowed_origins=args.allowed_origin, control_token=token,
-                        comparison=comparison, max_viewers=args.max_viewers, **options)
+                        max_viewers=args.max_viewers, **options)
 
 
 async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:

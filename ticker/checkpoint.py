@@ -21,6 +21,9 @@ vouch for. Hence:
   counts, a `brand_overseas` flag other than 0/1, arrays whose sums differ from each other
   or from the header's `gmv_cents` and `orders`, and anything `restore_scalars` rejects.
   The checksum catches damage; the cross-checks catch a writer's bug or a hand edit.
+* The header's `big_brand_minutes` (each big brand's crossing minute, the first 1,000) came in
+  without a format change: a file without it, or saved with another `big_brand_cents`,
+  loads with the brands above the line crossing at the latest minute (an upper bound).
 * `prepare` runs before the aggregator touches the broker (whose persistent session is ended
   on a fresh start), so a path that cannot hold checkpoints fails while nothing is lost yet;
   `lock` keeps a second aggregator off the same file; `backup` keeps a copy before a reset.
@@ -40,6 +43,7 @@ import numpy as np
 import orjson
 
 from .errors import ConfigError
+from .dimensions import BIG_BRAND_CENTS
 from .state import AggregateState
 from .wire import Limits
 
@@ -79,15 +83,17 @@ def save(path: Path, data: bytes) -> None:
         _write_atomically(path, data)
 
 
-def load(path: Path, limits: Limits,
-         first_time: np.ndarray | None = None) -> AggregateState | None:
-    """The state saved at `path`, every check passed, or None if there is no checkpoint yet."""
+def load(path: Path, limits: Limits, first_time: np.ndarray | None = None, *,
+         big_brand_cents: int = BIG_BRAND_CENTS) -> AggregateState | None:
+    """The state saved at `path`, every check passed, or None if there is no checkpoint yet.
+    A checkpoint written before the big brands' crossing minutes were kept (or with another
+    `big_brand_cents`) loads, each brand above the line then crossing at the latest minute."""
     with _os_errors(path, "cannot read it"):
         try:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-    state = AggregateState(limits, first_time)
+    state = AggregateState(limits, first_time, big_brand_cents=big_brand_cents)
     try:
         _restore(state, data)
     except ValueError as exc:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from simulator.scenario import scenario_names
 
 from . import app
+from .dimensions import BIG_BRAND_CENTS
 from .errors import ConfigError
 from .mqtt import BrokerSettings
 from .wire import PRODUCER_ID
@@ -190,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "$GMV_STATE_DIR)")
     saving.add_argument("--no-checkpoint", action="store_true",
                         help="keep the totals in memory only: a restart starts from zero")
+    agg.add_argument("--big-brand-cents", type=_positive(int, 2**53 - 1),
+                     default=BIG_BRAND_CENTS, metavar="CENTS",
+                     help="the GMV line of a big brand, in US cents (default 1511000000: RMB "
+                          "100M as the 2020 release wrote it, USD 15.11M)")
     agg.add_argument("--max-producers", type=_positive(int, 1_000_000), default=1_000,
                      help="producer ids to keep sequences for; batches of more are rejected "
                           "(default 1000)")

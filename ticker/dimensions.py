@@ -27,6 +27,18 @@ PLATFORMS: tuple[str, ...] = ("Tmall/Taobao", "AliExpress", "Lazada")
 
 BEIJING = timezone(timedelta(hours=8), "Asia/Shanghai")
 
+# RMB 100M, the "big brand" line of the 2020 release, written there as USD 15.11M (facts G01);
+# the same figure as simulator/scenario.py's BIG_BRAND_CENTS. An aggregator setting.
+BIG_BRAND_CENTS = 15_110_000_00
+MAX_CURVE_BUCKETS = 720
+
+
+def curve_bucket_minutes(window_minutes: int) -> int:
+    """The width of the cumulative curve's buckets: an hour, or a whole number of hours so
+    that a window has at most MAX_CURVE_BUCKETS buckets."""
+    hours = -(-window_minutes // 60)
+    return 60 * max(1, -(-hours // MAX_CURVE_BUCKETS))
+
 
 @dataclass(frozen=True)
 class Window:
