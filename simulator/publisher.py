@@ -1,12 +1,17 @@
 """Publishing loop: the simulator's I/O shell around a pure source of minutes.
 
-Minute m is published when the `PlaybackClock` says it is due: an absolute schedule, so
+Minute m is published when the `PlaybackClock` reaches its end: an absolute schedule, so
 time spent generating and publishing never accumulates as drift, and pause, speed and seek
-only move the clock's anchor. Minutes behind the clock (after `--from` or a forward seek)
-are published at once, so the totals at any point equal the festival's to that point. A
-backward seek or a new loop waits until the aggregators have applied everything, asks them
-to reset, then replays from the start with the sequence continuing, so nothing is counted
-twice.
+only move the clock's anchor. Where a minute lasts long on the wall, it goes out in time
+slices (`slicing.py`: about four a wall second; slice j of k when the clock reaches
+m + (j + 1)/k), so the totals move several times a second; at clock position p they hold
+every order before p. The minutes behind the clock after `--from`, a forward seek or a
+restart are published at once, as a few bulk batches spanning many minutes (their minute
+runs keep every per-minute figure exact), so the totals equal the festival's at the target
+within about a second; then playing goes on from exactly the target minute. A backward
+seek or a new loop (over `--from` .. the last minute) waits until the aggregators have
+applied everything, asks them to reset, then catches up from the start with the sequence
+continuing, so nothing is counted twice.
 
 Publishing goes through a `ReliablePublisher`, which pipelines QoS 1 messages and re-sends
 whatever a lost connection left unacknowledged, and, given a `FlowControl`, never runs more
@@ -34,6 +39,7 @@ from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 from .flow import FlowControl, ShardForgot, Verdict
 from .playback import PlaybackClock
 from .scenario import Scenario
+from .slicing import BULK_ORDERS, Bulk, slice_bounds, slices_per_minute
 
 log = logging.getLogger(__name__)
 Message = OrderBatch | ChatbotCount
@@ -45,6 +51,9 @@ class Source(Protocol):
 
     def messages(self, minute: int) -> list[Message]:
         """The minute's batches and counts (producer and seq are filled in when published)."""
+
+    def slices(self, minute: int, k: int) -> list[list[Message]]:
+        """The same messages cut into slices of the minute, slice j due at minute + j / len."""
 
 
 @dataclass
@@ -61,18 +70,28 @@ class ScenarioSource:
         return self.scenario.window
 
     def messages(self, minute: int) -> list[Message]:
+        return [message for part in self.slices(minute, 1) for message in part]
+
+    def slices(self, minute: int, k: int) -> list[list[Message]]:
+        """The minute's orders cut into `k` slices of equal simulated time by its per-second
+        shape (exact: consecutive ranges of the same orders), each in batches of at most
+        `batch_orders`; the minute's chatbot count goes with the last slice."""
         orders = self.scenario.orders(minute)
-        out: list[Message] = [
+        bounds = slice_bounds(self.scenario.second_orders(minute), k) if len(orders) \
+            else [0] * (k + 1)
+        assert bounds[-1] == len(orders), "the per-second shape must hold the minute's orders"
+        out: list[list[Message]] = [[
             OrderBatch("", 0, minute, part.amount_cents, part.brand, part.country, part.platform)
-            for part in (orders.slice(i, i + self.batch_orders)
-                         for i in range(0, len(orders), self.batch_orders))]
+            for part in (orders.slice(i, min(i + self.batch_orders, stop))
+                         for i in range(start, stop, self.batch_orders))]
+            for start, stop in zip(bounds[:-1], bounds[1:])]
         # Chatbot queries are their own stream, one count per 10 simulated minutes.
         last = self.window.minutes - 1
         if minute % 10 == 9 or minute == last:
             queries = int(self.scenario.minute_chatbot_queries[minute - minute % 10:minute + 1]
                           .sum())
             if queries:
-                out.append(ChatbotCount("", 0, minute, queries))
+                out[-1].append(ChatbotCount("", 0, minute, queries))
         return out
 
 
@@ -97,9 +116,12 @@ class Replay:
                  last_minute: int | None = None, loop: bool = False, binary: bool = True,
                  control_token: str | None = None, flow: FlowControl | None = None,
                  drain_timeout: float = 60.0, say: Callable[[str], None] = print,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 bulk_orders: int | None = None) -> None:
         """`flow`: keep within its window of what the aggregators applied, and give each pass
-        a verdict, waiting at most `drain_timeout` s of silence for the last acks."""
+        a verdict, waiting at most `drain_timeout` s of silence for the last acks.
+        `loop`: play `from_minute` .. `last_minute` again and again. `bulk_orders`: orders in
+        one bulk batch when catching up (default `slicing.BULK_ORDERS` of the encoding)."""
         self.publisher, self.source, self.topics = publisher, source, topics
         self.producer, self.binary, self.loop = producer, binary, loop
         self.control_token, self.flow, self.drain_timeout = control_token, flow, drain_timeout
@@ -111,6 +133,14 @@ class Replay:
         self.next_minute = 0
         self.seq = 0  # the next message's sequence number (batches and chatbot counts)
         self._restart_to: int | None = None  # a seek back, for the publishing loop to do
+        self.first_minute = from_minute  # where a loop starts again
+        # True while a seek, --from or a restart catches up: from the command (or the start)
+        # until the last minute behind the clock is published. "seeking" on screens.
+        self.catching_up = from_minute > 0
+        self.bulk_orders = bulk_orders or BULK_ORDERS["binary" if binary else "json"]
+        self._catch_up_to = from_minute  # minutes before this go out at once, in bulk
+        self._plan: list[list[Message]] | None = None  # the slices of next_minute, if begun
+        self._slice = 0  # the next slice of the plan to publish
         self._changed = asyncio.Event()
         self._state = "playing"
         self._status_sent: tuple[object, ...] = ()
@@ -147,16 +177,80 @@ class Replay:
             if self.next_minute > self.last:
                 if not self.loop:
                     break
-                await self._restart(0)
-            wait = self.clock.due(self.next_minute, self._now())
+                await self._restart(self.first_minute)  # loop over the chosen range
+                continue
+            if self.next_minute < min(self._catch_up_to, self.last + 1):
+                await self._catch_up(progress)
+                continue
+            if self.catching_up:  # a restart to where it already is: nothing to catch up
+                self.catching_up = False
+                await self._status()
+            if self._plan is None:  # the minute's slices, at the speed it starts at
+                self._plan = self.source.slices(self.next_minute,
+                                                slices_per_minute(self.clock.speed))
+                self._slice = 0
+            # A slice goes out when the clock reaches its end: at position p the totals hold
+            # every order before p, as after a catch-up to p.
+            due = self.next_minute + (self._slice + 1) / len(self._plan)
+            wait = self.clock.due(due, self._now())
             if wait > 0:
                 await self._wait(wait)
                 continue
-            await self._publish_minute(self.next_minute)
-            self.next_minute += 1
-            if progress is not None:
-                progress(self.report)
+            await self._send_all(self._plan[self._slice])
+            self._slice += 1
+            if self._slice == len(self._plan):
+                self._plan = None
+                self._minute_done(progress)
         await self._end_pass()
+
+    def _minute_done(self, progress: Callable[[PublishReport], None] | None) -> None:
+        self.next_minute += 1
+        self.report.minutes += 1
+        if progress is not None:
+            progress(self.report)
+
+    async def _catch_up(self, progress: Callable[[PublishReport], None] | None) -> None:
+        """Publish the minutes before `_catch_up_to` (and the rest of a minute a seek cut
+        short) at once, as bulk batches, generating the next minutes in a thread while the
+        last go out; then anchor the clock at the target, so playing goes on from exactly
+        there. A seek back stops it (the loop restarts); a seek forward moves its end."""
+        self.catching_up = True
+        await self._status()
+        bulk = Bulk(self.bulk_orders)
+        if self._plan is not None:
+            rest = [message for part in self._plan[self._slice:] for message in part]
+            self._plan = None
+            await self._send_all(bulk.add(rest))
+            self._minute_done(progress)
+
+        def end() -> int:
+            return min(self._catch_up_to, self.last + 1)
+
+        def generate(first: int) -> asyncio.Future[list[list[Message]]] | None:
+            if first >= end() or self._restart_to is not None:
+                return None
+            minutes = range(first, min(end(), first + CATCH_UP_CHUNK))
+            return asyncio.ensure_future(asyncio.to_thread(
+                lambda: [self.source.messages(m) for m in minutes]))
+
+        ahead = generate(self.next_minute)
+        try:
+            while ahead is not None:
+                minutes = await ahead
+                ahead = generate(self.next_minute + len(minutes))
+                for messages in minutes:
+                    if self.next_minute >= end():  # a seek forward to an earlier target
+                        break
+                    await self._send_all(bulk.add(messages))
+                    self._minute_done(progress)
+        finally:
+            if ahead is not None:
+                ahead.cancel()
+        await self._send_all(bulk.flush())
+        self.catching_up = False
+        if self._restart_to is None and self.clock.speed is not None:
+            self.clock.seek(self.next_minute, self._now())
+        await self._status()
 
     async def _end_pass(self) -> None:
         """Announce where the sequence ended; with flow control, wait for the aggregators to
@@ -177,8 +271,8 @@ class Replay:
         if self._state != "paused":
             await self._status()
 
-    async def _publish_minute(self, minute: int) -> None:
-        for message in self.source.messages(minute):
+    async def _send_all(self, messages: list[Message]) -> None:
+        for message in messages:
             if self.flow is not None:
                 await self.flow.room(self.seq)
             message = dataclasses.replace(message, producer=self.producer, seq=self.seq)
@@ -193,7 +287,6 @@ class Replay:
             self.report.gmv_cents += message.gmv_cents
             self.report.orders += len(message)
             self.report.batches += 1
-        self.report.minutes += 1
 
     async def _announce(self) -> None:
         """Say how far we got, so a consumer can tell a lost tail from the end of the stream.
@@ -205,7 +298,8 @@ class Replay:
              "gmv_cents": self.report.gmv_cents}), retain=True)
 
     async def _restart(self, target: int) -> None:
-        """Reset the aggregators and replay from the start, fast, up to `target`."""
+        """Reset the aggregators, then catch up from the start to `target` in bulk."""
+        self.catching_up = True
         await self._end_pass()
         if self.report.verdict is not None:
             self.say(f"pass {self.report.resets + 1} {self.report.verdict.line()}")
@@ -220,9 +314,16 @@ class Replay:
             await self.flow.reset(send_reset)
         else:
             await send_reset()
-        self.next_minute = 0
+        self.next_minute, self._plan, self._catch_up_to = 0, None, target
         self.report = PublishReport(self.producer, resets=self.report.resets + 1)
         self.clock.seek(target, self._now())
+
+    def _seek_forward(self, target: int, now: float) -> None:
+        """A seek to `target`, at or after the minute being published: the minutes before it
+        (and the rest of the current one) go out at once, in bulk, then play goes on."""
+        self.clock.seek(target, now)
+        self._catch_up_to = target
+        self.catching_up = target > self.next_minute
 
     async def control(self, command: Command) -> None:
         """Apply an authorised command (the caller has checked the token)."""
@@ -244,7 +345,7 @@ class Replay:
                     raise ControlError("seeking back needs a control token to reset totals")
                 self._restart_to = target  # done by the publishing loop, between minutes
             else:
-                self.clock.seek(target, now)
+                self._seek_forward(target, now)
         self._changed.set()
         await self._status()
 
@@ -261,6 +362,9 @@ class Replay:
         await self.publisher.send(self.topics.replay, orjson.dumps(
             {"v": 1, "state": state, "speed": self.clock.speed, "minute": self.next_minute,
              "scenario": self.source.name, "loop": self.loop}), retain=True)
+
+
+CATCH_UP_CHUNK = 360  # minutes generated at a time while catching up (~60 ms at 2020's)
 
 
 async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, topics: Topics,

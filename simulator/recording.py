@@ -109,3 +109,12 @@ class RecordingSource:
 
     def messages(self, minute: int) -> list[OrderBatch | ChatbotCount]:
         return self._by_minute.get(minute, [])
+
+    def slices(self, minute: int, k: int) -> list[list[OrderBatch | ChatbotCount]]:
+        """The minute's messages spread over `k` slices of it in the order recorded (a
+        recording keeps no time within a minute): message i of n in slice i * k // n."""
+        messages = self.messages(minute)
+        out: list[list[OrderBatch | ChatbotCount]] = [[] for _ in range(k)]
+        for i, message in enumerate(messages):
+            out[i * k // len(messages)].append(message)
+        return out

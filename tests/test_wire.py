@@ -213,9 +213,10 @@ def test_binary_shorter_than_header_is_truncated(payload):
     assert f"{len(payload)} bytes, header needs 24" in message
 
 
-def test_binary_unknown_flags_are_rejected():
-    """Version 1 defines only flag 0x01: another flag means a format this decoder cannot read."""
-    assert "flags 0x02" in rejected(binary(flags=2), "bad_version")
+@pytest.mark.parametrize("flags", [0x04, 0x80, 0x07])
+def test_binary_unknown_flags_are_rejected(flags):
+    """Version 1 defines only flags 0x01 and 0x02: another means a format it cannot read."""
+    assert f"flags {flags:#04x}" in rejected(binary(flags=flags), "bad_version")
 
 
 def test_send_time_travels_in_both_encodings():
@@ -380,7 +381,8 @@ def test_payload_above_max_payload_bytes_is_oversized():
     assert f"{SMALL.max_payload_bytes + 1} bytes > {SMALL.max_payload_bytes}" in message
     big = Limits(n_brands=10, n_minutes=60, n_countries=2, n_platforms=2, max_json_bytes=100)
     assert "max_json_bytes=100" in rejected(b"{" + b" " * 100 + b"}", "oversized", big)
-    assert big.max_payload_bytes == 24 + 8 + 64 + 1_000_000 * 14
+    # header, send time, run count, producer id, 60 minute runs, the orders
+    assert big.max_payload_bytes == 24 + 8 + 8 + 64 + 60 * 8 + 1_000_000 * 14
 
 
 def test_binary_order_count_above_limit_is_oversized():

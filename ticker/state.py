@@ -4,10 +4,12 @@ Strategy. Every total is an int64 numpy array indexed by a small id, so memory i
 the number of brands, minutes, countries and platforms, never by the number of orders:
 250,000 brands x 2 arrays + 15,840 minutes x 2 + a few dozen cells = about 4.3 MB.
 Applying a batch of n orders costs three `np.add.at` scatters and one `np.bincount`
-(O(n), no Python loop per order); the minute total is one scalar add because a batch
-belongs to one minute. Money stays integer cents: a batch that would take the GMV past
-`wire.MAX_TOTAL` (2^53 - 1) is refused, and every array cell is at most the GMV, so no int64
-can overflow and every figure is exact as a JavaScript number on the page.
+(O(n), no Python loop per order); the minute totals are one scalar add for a batch of one
+minute, and one `np.add.reduceat` over its runs for a batch spanning several (a catch-up's
+bulk batch: at most `max_minute_runs` runs, so O(n + runs)). Money stays integer cents: a
+batch that would take the GMV past `wire.MAX_TOTAL` (2^53 - 1) is refused, and every array
+cell is at most the GMV, so no int64 can overflow and every figure is exact as a JavaScript
+number on the page.
 
 Invariants:
 * a batch is applied whole or not at all (it arrives validated by `wire.decode`; the bounds
@@ -312,12 +314,18 @@ class AggregateState:
         self.orders_by_country += np.bincount(batch.country, minlength=self.limits.n_countries)
         self.orders_by_platform += np.bincount(batch.platform, minlength=self.limits.n_platforms)
         self.brand_overseas[batch.brand[batch.country != 0]] = 1
-        self.gmv_by_minute[batch.minute] += batch_gmv
-        self.orders_by_minute[batch.minute] += n
+        if batch.minute_runs is None:
+            self.gmv_by_minute[batch.minute] += batch_gmv
+            self.orders_by_minute[batch.minute] += n
+        else:  # runs of strictly increasing minutes (checked by wire.decode)
+            minutes, counts = batch.run_minutes()
+            starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+            np.add.at(self.gmv_by_minute, minutes, np.add.reduceat(amount, starts))
+            np.add.at(self.orders_by_minute, minutes, counts)
         self.gmv_cents += batch_gmv
         self.orders += n
         self.batches += 1
-        self.latest_minute = max(self.latest_minute, batch.minute)
+        self.latest_minute = max(self.latest_minute, batch.minute)  # the batch's latest
         producer = self.watermarks.mark(batch.producer, batch.seq)
         producer.orders += n
         producer.gmv_cents += batch_gmv

@@ -1,14 +1,20 @@
 """Order-batch codec, wire format v1: one `encode`, one `decode`, every validity rule here.
 
-A batch is one producer's orders for one simulated minute, as equal-length columns.
+A batch is one producer's orders for one simulated minute, as equal-length columns; or,
+with minute runs, for several minutes: runs of (minute, count) say which orders belong to
+which minute (minutes strictly increasing, counts adding up to the batch), and `minute` is
+the last run's, the latest in the batch. Catching up after a seek sends a festival's first
+days in a few such batches instead of one per minute.
 Two encodings, told apart by their first bytes (see docs/wire-format.md):
 
 * binary  -- starts with the magic ``b"GMVB"``: a 24-byte little-endian header, with flag
-  0x01 an int64 send time, the producer id padded to 8 bytes, then the raw columns (amount
-  int64, brand uint32, country uint8, platform uint8). Decoding is `np.frombuffer` views:
-  no copy, no per-order Python work.
+  0x01 an int64 send time, with flag 0x02 a uint64 run count, the producer id padded to
+  8 bytes, with flag 0x02 the runs (uint32 minute, uint32 count), then the raw columns
+  (amount int64, brand uint32, country uint8, platform uint8). Decoding is `np.frombuffer`
+  views: no copy, no per-order Python work.
 * JSON    -- starts with ``{`` (after optional whitespace): one object with the same fields
-  and the columns as arrays; for people, scripts and `mosquitto_pub`.
+  and the columns as arrays (the runs as one flat array `minute_runs`: minute, count,
+  minute, count, ...); for people, scripts and `mosquitto_pub`.
 
 `decode` either returns a fully valid `OrderBatch` or raises `BatchError` with a short reason
 code (``BatchError.reason``) used to count rejections. It never applies anything partially.
@@ -30,7 +36,11 @@ VERSION = 1
 _HEADER = struct.Struct("<4sBBHIQI")  # magic, version, flags, producer_len, n, seq, minute
 _COLUMNS = (("amount_cents", "<i8"), ("brand", "<u4"), ("country", "u1"), ("platform", "u1"))
 FLAG_SENT_AT = 0x01  # an int64 send time (microseconds since the epoch) follows the header
+FLAG_MINUTE_RUNS = 0x02  # a uint64 run count follows (after the send time, if any)
+_FLAGS = FLAG_SENT_AT | FLAG_MINUTE_RUNS
 _SENT_AT = struct.Struct("<q")
+_RUN_COUNT = struct.Struct("<Q")
+_RUN = np.dtype([("minute", "<u4"), ("count", "<u4")])  # one run, 8 bytes
 
 MAX_PRODUCER_LEN = 64
 # A producer id is one MQTT topic level (orders/{producer}/{partition}) that a broker ACL can
@@ -67,11 +77,15 @@ class Limits:
     # Parsing JSON peaks at ~16x its size (orjson, measured), so JSON batches get a budget of
     # their own: 4 MiB holds ~130,000 orders; bigger batches are binary's job.
     max_json_bytes: int = 4 * 2**20
+    # Runs of (minute, count) in one batch. Minutes strictly increase, so a batch never
+    # needs more runs than the window has minutes (15,840 for the 11 days; a curve file's
+    # window is at most 86,400): 100,000 covers any window, and costs at most 800 KB.
+    max_minute_runs: int = 100_000
 
     def __post_init__(self) -> None:
         for name in ("n_brands", "n_minutes", "n_countries", "n_platforms",
                      "max_batch_orders", "max_order_cents", "max_producers", "max_seq_jump",
-                     "max_seq_holes", "max_json_bytes"):
+                     "max_seq_holes", "max_json_bytes", "max_minute_runs"):
             value = getattr(self, name)
             if type(value) is not int or value <= 0:
                 raise ValueError(f"{name}={value!r}: must be a positive integer")
@@ -83,8 +97,14 @@ class Limits:
 
     @property
     def max_binary_bytes(self) -> int:
-        return _HEADER.size + _SENT_AT.size + MAX_PRODUCER_LEN + \
-            self.max_batch_orders * _BINARY_BYTES_PER_ORDER
+        return _HEADER.size + _SENT_AT.size + _RUN_COUNT.size + MAX_PRODUCER_LEN + \
+            self.max_runs * _RUN.itemsize + self.max_batch_orders * _BINARY_BYTES_PER_ORDER
+
+    @property
+    def max_runs(self) -> int:
+        """Minute runs a batch may hold: as many as the window has minutes (they strictly
+        increase), at most `max_minute_runs`."""
+        return min(self.max_minute_runs, self.n_minutes)
 
     @property
     def max_payload_bytes(self) -> int:
@@ -102,6 +122,9 @@ class OrderBatch:
     country: np.ndarray  # uint8
     platform: np.ndarray  # uint8
     sent_at_us: int = 0  # optional: the producer's wall clock at sending, for latency
+    # Optional: shape (R, 2), rows (minute, count), minutes strictly increasing, counts adding
+    # up to len(self), the last minute equal to `minute`; None: every order is in `minute`.
+    minute_runs: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.amount_cents)
@@ -110,9 +133,35 @@ class OrderBatch:
     def gmv_cents(self) -> int:
         return int(self.amount_cents.sum())
 
+    def run_minutes(self) -> tuple[np.ndarray, np.ndarray]:
+        """The batch's minutes (int64, strictly increasing) and how many orders each has."""
+        if self.minute_runs is None:
+            return np.array([self.minute], np.int64), np.array([len(self)], np.int64)
+        runs = np.asarray(self.minute_runs, dtype=np.int64)
+        return runs[:, 0], runs[:, 1]
+
     def order_minutes(self) -> np.ndarray:
         """Each order's simulated minute (int64), in order."""
-        return np.full(len(self), self.minute, dtype=np.int64)
+        if self.minute_runs is None:
+            return np.full(len(self), self.minute, dtype=np.int64)
+        minutes, counts = self.run_minutes()
+        return np.repeat(minutes, counts)
+
+
+def minute_runs(order_minutes: np.ndarray) -> np.ndarray | None:
+    """The runs (shape (R, 2), int64) of non-decreasing per-order minutes, or None when they
+    are all one minute (then a plain batch says it). Raises ValueError if they decrease."""
+    minutes = np.asarray(order_minutes, dtype=np.int64)
+    if len(minutes) == 0:
+        raise ValueError("no orders")
+    step = np.diff(minutes)
+    if step.size and step.min() < 0:
+        raise ValueError("order minutes must not decrease")
+    starts = np.concatenate(([0], np.flatnonzero(step) + 1))
+    if len(starts) == 1:
+        return None
+    counts = np.diff(np.concatenate((starts, [len(minutes)])))
+    return np.stack([minutes[starts], counts], axis=1)
 
 
 @dataclass(frozen=True)
@@ -198,17 +247,25 @@ def dead_letter(reason: str, detail: str, topic: str, payload: bytes, head: int 
 
 def encode(batch: OrderBatch, *, binary: bool = True) -> bytes:
     """Serialise a batch; the inverse of `decode`."""
+    runs = batch.minute_runs
     if binary:
         producer = batch.producer.encode()
         pad = b"\0" * (-len(producer) % 8)
-        flags = FLAG_SENT_AT if batch.sent_at_us else 0
+        flags = (FLAG_SENT_AT if batch.sent_at_us else 0) | \
+            (FLAG_MINUTE_RUNS if runs is not None else 0)
         header = _HEADER.pack(MAGIC, VERSION, flags, len(producer), len(batch), batch.seq,
                               batch.minute)
-        sent_at = _SENT_AT.pack(batch.sent_at_us) if flags else b""
+        sent_at = _SENT_AT.pack(batch.sent_at_us) if batch.sent_at_us else b""
+        run_count, run_bytes = b"", b""
+        if runs is not None:
+            run_count = _RUN_COUNT.pack(len(runs))
+            run_bytes = np.ascontiguousarray(runs, dtype="<u4").tobytes()
         columns = [np.ascontiguousarray(getattr(batch, name), dtype=dt).tobytes()
                    for name, dt in _COLUMNS]
-        return b"".join([header, sent_at, producer, pad, *columns])
-    extra = {"sent_at_us": batch.sent_at_us} if batch.sent_at_us else {}
+        return b"".join([header, sent_at, run_count, producer, pad, run_bytes, *columns])
+    extra: dict[str, object] = {"sent_at_us": batch.sent_at_us} if batch.sent_at_us else {}
+    if runs is not None:
+        extra["minute_runs"] = np.asarray(runs, dtype=np.int64).ravel()
     return orjson.dumps({
         "v": VERSION,
         "producer": batch.producer,
@@ -245,35 +302,55 @@ def _decode_binary(payload: bytes, limits: Limits) -> OrderBatch:
     _, version, flags, plen, n, seq, minute = _HEADER.unpack_from(payload)
     if version != VERSION:
         raise BatchError("bad_version", f"version {version}")
-    if flags & ~FLAG_SENT_AT:
-        raise BatchError("bad_version", f"flags {flags:#04x}: version 1 defines only 0x01")
+    if flags & ~_FLAGS:
+        raise BatchError("bad_version",
+                         f"flags {flags:#04x}: version 1 defines only 0x01 and 0x02")
     if n > limits.max_batch_orders:
         raise BatchError("oversized", f"{n} orders > {limits.max_batch_orders}")
-    start = _HEADER.size + (_SENT_AT.size if flags else 0)  # the producer id starts here
+    start = _HEADER.size + (_SENT_AT.size if flags & FLAG_SENT_AT else 0)
+    n_runs = 0
+    if flags & FLAG_MINUTE_RUNS:
+        if len(payload) < start + _RUN_COUNT.size:
+            raise BatchError("truncated", f"{len(payload)} bytes, the run count ends at "
+                             f"{start + _RUN_COUNT.size}")
+        n_runs = _RUN_COUNT.unpack_from(payload, start)[0]
+        if n_runs > limits.max_runs:
+            raise BatchError("oversized", f"{n_runs} minute runs > {limits.max_runs} (the "
+                             "window's minutes, at most max_minute_runs)")
+        start += _RUN_COUNT.size
+    # The producer id starts at `start`; the runs, then the columns, at multiples of 8.
     offset = start + plen + (-plen % 8)
-    expected = offset + n * _BINARY_BYTES_PER_ORDER
+    expected = offset + n_runs * _RUN.itemsize + n * _BINARY_BYTES_PER_ORDER
     if len(payload) != expected:
-        raise BatchError("bad_length", f"{len(payload)} bytes, {n} orders need {expected}")
-    sent_at = _SENT_AT.unpack_from(payload, _HEADER.size)[0] if flags else 0
+        what = f"{n} orders" + (f" and {n_runs} minute runs" if n_runs else "")
+        raise BatchError("bad_length", f"{len(payload)} bytes, {what} need {expected}")
+    sent_at = _SENT_AT.unpack_from(payload, _HEADER.size)[0] if flags & FLAG_SENT_AT else 0
     if not 0 <= sent_at <= MAX_SENT_AT_US:
         raise BatchError("out_of_range", f"sent_at_us={sent_at}: must be 0..{MAX_SENT_AT_US}")
     producer = payload[start:start + plen].decode("ascii", "replace")  # checked in _check_values
     if payload[start + plen:offset].strip(b"\0"):
         raise BatchError("bad_length", "padding after the producer id must be NUL bytes")
+    runs = None
+    if flags & FLAG_MINUTE_RUNS:
+        runs = np.frombuffer(payload, dtype="<u4", count=2 * n_runs, offset=offset) \
+            .reshape(n_runs, 2)
+        offset += runs.nbytes
     columns = {}
     for name, dtype in _COLUMNS:
         column = np.frombuffer(payload, dtype=dtype, count=n, offset=offset)
         columns[name] = column
         offset += column.nbytes
-    return OrderBatch(producer, seq, minute, **columns, sent_at_us=sent_at)
+    return OrderBatch(producer, seq, minute, **columns, sent_at_us=sent_at, minute_runs=runs)
 
 
 def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
     # A batch is one flat object with four arrays of integers. Refusing anything more nested
     # before parsing bounds the memory: 64 MB of "[[],[],..." would otherwise become 2 GB of
     # Python lists. (Brackets inside strings count too; a producer id holds none.)
-    if payload.count(b"{") > 1 or payload.count(b"[") > len(_COLUMNS):
-        raise BatchError("too_nested", "a JSON batch is one object holding four flat arrays")
+    arrays = len(_COLUMNS) + (b'"minute_runs"' in payload)
+    if payload.count(b"{") > 1 or payload.count(b"[") > arrays:
+        raise BatchError("too_nested", "a JSON batch is one object holding four flat arrays "
+                                       "(five with minute_runs)")
     try:
         doc = orjson.loads(payload)
     except orjson.JSONDecodeError as exc:
@@ -305,7 +382,26 @@ def _decode_json(payload: bytes, limits: Limits) -> OrderBatch:
             columns[name] = np.array(column, dtype=np.int64)
         except OverflowError:
             raise BatchError("out_of_range", f"{name} holds an integer beyond 64 bits") from None
-    return OrderBatch(producer, seq, minute, **columns, sent_at_us=sent_at)
+    runs = None
+    if "minute_runs" in doc:
+        flat = doc["minute_runs"]
+        if not isinstance(flat, list):
+            raise BatchError("bad_minutes", "minute_runs is not a list")
+        if len(flat) > 2 * limits.max_runs:
+            raise BatchError("oversized", f"{len(flat) // 2} minute runs > {limits.max_runs} "
+                             "(the window's minutes, at most max_minute_runs)")
+        if flat and set(map(type, flat)) != {int}:
+            bad = next(v for v in flat if type(v) is not int)
+            raise BatchError("bad_type", f"minute_runs holds {bad!r}")
+        if len(flat) % 2:
+            raise BatchError("bad_minutes", "minute_runs holds minute, count pairs: "
+                                            f"{len(flat)} numbers")
+        try:
+            runs = np.array(flat, dtype=np.int64).reshape(-1, 2)
+        except OverflowError:
+            raise BatchError("out_of_range", "minute_runs holds an integer beyond 64 "
+                                             "bits") from None
+    return OrderBatch(producer, seq, minute, **columns, sent_at_us=sent_at, minute_runs=runs)
 
 
 def _check_values(batch: OrderBatch, limits: Limits) -> None:
@@ -329,4 +425,25 @@ def _check_values(batch: OrderBatch, limits: Limits) -> None:
         column = getattr(batch, name)
         if column.min() < 0 or column.max() >= bound:
             raise BatchError("unknown_id", f"{name} ids must be 0..{bound - 1}")
+    if batch.minute_runs is not None:
+        _check_runs(batch.minute_runs, batch.minute, n, limits)
+
+
+def _check_runs(runs: np.ndarray, minute: int, n: int, limits: Limits) -> None:
+    """Minute runs: at least one, minutes in the window and strictly increasing, the last
+    equal to the batch's `minute`, each count at least 1, the counts adding up to `n`."""
+    if len(runs) == 0:
+        raise BatchError("bad_minutes", "minute runs: at least one (minute, count)")
+    minutes, counts = runs[:, 0], runs[:, 1]
+    if minutes.min() < 0 or minutes.max() >= limits.n_minutes:
+        raise BatchError("out_of_range", f"a run's minute outside 0..{limits.n_minutes - 1}")
+    if len(runs) > 1 and (np.diff(minutes.astype(np.int64)) <= 0).any():
+        raise BatchError("bad_minutes", "run minutes must strictly increase")
+    if int(minutes[-1]) != minute:
+        raise BatchError("bad_minutes", f"minute={minute} is not the last run's minute "
+                                        f"{int(minutes[-1])}")
+    # Each count in 1..n first, so that their sum (at most 100,000 x 2^32) fits an int64.
+    if counts.min() < 1 or counts.max() > n or int(counts.astype(np.int64).sum()) != n:
+        raise BatchError("bad_minutes", f"run counts must be at least 1 and add up to the "
+                                        f"{n} orders")
 
