@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ from typing import Protocol
 
 import orjson
 
-from ticker.control import Command, ControlError, minute_of, sign
+from ticker.control import Answer, Command, ControlError, FailureLimiter, Verifier, minute_of, \
+    nonce_of, sign, sign_answer
+from ticker.logthrottle import LogThrottle
 from ticker.dimensions import Window
 from ticker.mqtt import ReliablePublisher, Topics
 from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
@@ -134,23 +137,30 @@ class Replay:
         self.seq = 0  # the next message's sequence number (batches and chatbot counts)
         self._restart_to: int | None = None  # a seek back, for the publishing loop to do
         self.first_minute = from_minute  # where a loop starts again
-        # True while a seek, --from or a restart catches up: from the command (or the start)
-        # until the last minute behind the clock is published. "seeking" on screens.
-        self.catching_up = from_minute > 0
         self.bulk_orders = bulk_orders or BULK_ORDERS["binary" if binary else "json"]
         self._catch_up_to = from_minute  # minutes before this go out at once, in bulk
         self._plan: list[list[Message]] | None = None  # the slices of next_minute, if begun
         self._slice = 0  # the next slice of the plan to publish
         self._changed = asyncio.Event()
         self._state = "playing"
+        # True while a seek, --from or a restart catches up: from the command (or the start)
+        # until the last minute behind the clock is published. "seeking" on screens.
+        self.catching_up = from_minute > 0
+        self.run_id = secrets.token_hex(4)  # tells this run's status from an earlier one's
+        self._from = from_minute
         self._status_sent: tuple[object, ...] = ()
         self._status_at = -1e9
+        self._verifier = Verifier(control_token) if control_token else None
+        self._refusals = FailureLimiter(burst=5, refill=1.0)  # answers to bad commands
+        self._refusal_log = LogThrottle()
 
     async def run(self, progress: Callable[[PublishReport], None] | None = None) \
             -> PublishReport:
         if self.flow is not None:
             self.seq = await self.flow.start()
         start = self._now()
+        # Earlier versions retained their status, which then showed on later screens.
+        await self.publisher.send(self.topics.replay, b"", retain=True)
         await self._status()
         try:
             await self._play(progress)
@@ -166,8 +176,16 @@ class Replay:
             await self.publisher.flush()
         self._state = "done"
         await self._status()
+        await self.publisher.flush()  # the last status must go out before the process ends
         self.report.seconds = self._now() - start
         return self.report
+
+    async def linger(self) -> None:
+        """After `run`, for as long as the process holds the final total (the demo): keep
+        saying "done", since screens drop a status that is not repeated."""
+        while True:
+            await self._status()
+            await asyncio.sleep(STATUS_EVERY)
 
     async def _play(self, progress: Callable[[PublishReport], None] | None) -> None:
         while True:
@@ -266,10 +284,9 @@ class Replay:
     async def _wait(self, seconds: float) -> None:
         self._changed.clear()
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(seconds, 1.0)):  # not wait_for: see flow.py
+            async with asyncio.timeout(min(seconds, STATUS_EVERY)):  # not wait_for: flow.py
                 await self._changed.wait()
-        if self._state != "paused":
-            await self._status()
+        await self._status()
 
     async def _send_all(self, messages: list[Message]) -> None:
         for message in messages:
@@ -325,46 +342,93 @@ class Replay:
         self._catch_up_to = target
         self.catching_up = target > self.next_minute
 
-    async def control(self, command: Command) -> None:
-        """Apply an authorised command (the caller has checked the token)."""
+    async def obey(self, payload: bytes) -> Answer | None:
+        """Check a message from the control topic, apply it if it is authentic, and answer
+        it on the answers topic (refusals of bad commands about once a second at most).
+        Our own resets, meant for the aggregators, get no answer."""
+        nonce = nonce_of(payload)
+        if self._verifier is None or nonce is None:
+            return None
+        try:
+            command = self._verifier.verify(payload, time.time())
+            if command.cmd == "reset":
+                return None
+            answer = Answer(nonce, command.cmd, True, await self.control(command), self.producer)
+        except ControlError as exc:
+            now = self._now()
+            if count := self._refusal_log.due(now):
+                self.say(f"control refused ({count} since the last report), the latest: {exc}")
+            if self._refusals.retry_in(now):  # a flood of bad commands: answer one a second
+                return None
+            self._refusals.failed(now)
+            answer = Answer(nonce, _cmd_of(payload), False, str(exc), self.producer)
+        await self.publisher.send(self.topics.answers, sign_answer(answer, self._verifier.key))
+        return answer
+
+    async def control(self, command: Command) -> str:
+        """Apply an authorised command (the caller has checked the token); say what it did,
+        or raise ControlError saying why not."""
         now = self._now()
+        window = self.source.window
         if command.cmd == "pause":
             self.clock.pause(now)
             self._state = "paused"
+            done = f"paused at {_clock(window, self.next_minute)}"
         elif command.cmd == "resume":
+            done = "resumed" if self._state == "paused" else "already playing"
             self.clock.resume(now)
             self._state = "playing"
         elif command.cmd == "speed":
             if self.clock.speed is None:  # at max the clock runs ahead: continue from here
                 self.clock.seek(self.next_minute, now)
             self.clock.set_speed(command.speed, now)
+            done = "speed max" if command.speed is None else f"speed {command.speed:g}x"
         elif command.cmd == "seek":
-            target = minute_of(command.to or "", self.source.window)
+            target = minute_of(command.to or "", window)
             if target < self.next_minute:
                 if self.control_token is None:
                     raise ControlError("seeking back needs a control token to reset totals")
                 self._restart_to = target  # done by the publishing loop, between minutes
             else:
                 self._seek_forward(target, now)
+            done = f"seeking {_clock(window, target)}"
+        else:
+            raise ControlError(f"{command.cmd} is not a replay command")
         self._changed.set()
         await self._status()
+        return done
 
     async def _status(self) -> None:
-        """Retained replay status, shown on the page: on a change, else at most once a second."""
+        """The replay's status for the screens: on a change, else once every STATUS_EVERY
+        seconds, in every state. Not retained: screens drop a status that stops coming, so
+        a finished or killed run never shows on a later one."""
         now = self._now()
-        seeking = self.clock.speed is not None and \
-            self.next_minute < min(self.clock.position(now), self.last)
-        state = "seeking" if seeking and self._state == "playing" else self._state
+        state = "seeking" if self.catching_up and self._state == "playing" else self._state
         key = (state, self.clock.speed, self.loop, self.source.name)
-        if key == self._status_sent and now - self._status_at < 1.0:
+        if key == self._status_sent and now - self._status_at < STATUS_EVERY:
             return
         self._status_sent, self._status_at = key, now
         await self.publisher.send(self.topics.replay, orjson.dumps(
             {"v": 1, "state": state, "speed": self.clock.speed, "minute": self.next_minute,
-             "scenario": self.source.name, "loop": self.loop}), retain=True)
+             "scenario": self.source.name, "loop": self.loop, "from": self._from,
+             "to": self.last, "run": self.run_id}))
 
 
+STATUS_EVERY = 1.0  # seconds between repeats of an unchanged status
 CATCH_UP_CHUNK = 360  # minutes generated at a time while catching up (~60 ms at 2020's)
+
+
+def _clock(window: Window, minute: int) -> str:
+    return window.time_of(min(minute, window.minutes - 1)).strftime("%m-%d %H:%M")
+
+
+def _cmd_of(payload: bytes) -> str:
+    """The `cmd` a refused command asked for, for its answer ("?" if it has none)."""
+    with contextlib.suppress(orjson.JSONDecodeError):
+        doc = orjson.loads(payload)
+        if isinstance(doc, dict) and isinstance(doc.get("cmd"), str):
+            return doc["cmd"][:16]
+    return "?"
 
 
 async def publish_scenario(publisher: ReliablePublisher, scenario: Scenario, topics: Topics,

@@ -4,6 +4,7 @@ recordings, and the absolute schedule."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import subprocess
 import sys
@@ -15,9 +16,11 @@ import pytest
 
 from simulator.flow import FlowControl, usd
 from simulator.publisher import Replay, ScenarioSource
+from simulator.recording import CHATBOT, ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
 from ticker.control import Command
-from ticker.mqtt import ReliablePublisher
+from ticker.mqtt import ReliablePublisher, watch
+from ticker.wire import ChatbotCount, encode, encode_chatbot
 
 from .conftest import running_pipeline
 from .test_cli import get_totals, wait_totals
@@ -203,3 +206,113 @@ def test_seek_and_speed_from_the_command_line(mosquitto, topics):
     report = orjson.loads(out)
     assert report["gmv_cents"] == S2019.gmv_cents and report["verdict"]["exact"]
     assert np.int64(S2019.gmv_cents) > 0
+
+
+def gmv(*argv: str, env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ticker.cli", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosquitto, topics,
+                                                                          tmp_path):
+    """`gmv control` waits for the replay's answer: obeyed, exit 0 with what it did; an
+    invalid seek, a wrong token or no replay at all, exit 1 with the reason (before, each
+    printed "sent pause" and exited 0)."""
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
+    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+                                   "--scenario", "2019", "--no-checkpoint"], env=env)
+    sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+                            "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1"],
+                           stdout=subprocess.DEVNULL, env=env)
+    try:
+        time.sleep(2.0)
+        paused = gmv("control", "pause", *broker, env=env)
+        assert paused.returncode == 0, paused.stderr
+        assert paused.stdout.startswith("pause done by replay sim-") and \
+            "paused at 11-11 00:0" in paused.stdout
+        bad_seek = gmv("control", "seek", "11-40 00:00", *broker, env=env)
+        assert bad_seek.returncode == 1
+        assert "seek refused by replay" in bad_seek.stderr and "11-40 00:00" in bad_seek.stderr
+        wrong = gmv("control", "resume", *broker, env=dict(env, GMV_CONTROL_TOKEN="wrong"))
+        assert wrong.returncode == 1 and "resume refused by replay" in wrong.stderr \
+            and "bad mac" in wrong.stderr and "unverified" in wrong.stderr
+        elsewhere = gmv("control", "pause", "--broker", mosquitto.url, "--prefix",
+                        topics.prefix + "/nobody", "--wait", "1", env=env)
+        assert elsewhere.returncode == 1
+        assert elsewhere.stderr.strip().splitlines() == [
+            f"gmv: error: no replay answered pause within 1 s: is one running on "
+            f"{mosquitto.url} under --prefix {topics.prefix}/nobody with control "
+            "(a control token)?"]
+    finally:
+        sim.kill()
+        sim.wait(10)
+        aggregator.terminate()
+        aggregator.wait(10)
+
+
+def write_recording(path, scenario) -> None:
+    """The scenario's stream as `gmv record` would have written it off the broker."""
+    source = ScenarioSource(scenario)
+    with path.open("wb") as file:
+        writer = RecordingWriter(file, scenario.window, scenario.n_brands)
+        seq = 0
+        for minute in range(scenario.window.minutes):
+            for message in source.messages(minute):
+                message = dataclasses.replace(message, producer="recorded", seq=seq)
+                seq += 1
+                if isinstance(message, ChatbotCount):
+                    assert writer.write(CHATBOT, encode_chatbot(message))
+                else:
+                    assert writer.write(ORDERS, encode(message))
+
+
+async def statuses_while(broker, topics, coroutine, *, after: float = 0.0) -> list[dict]:
+    """The replay statuses published while `coroutine` runs (and `after` s more)."""
+    seen: list[dict] = []
+
+    def on_message(topic: str, payload: bytes, retained: bool) -> None:
+        if payload:
+            seen.append({**orjson.loads(payload), "retained": retained})
+
+    ready = asyncio.Event()
+    watcher = asyncio.create_task(watch(broker, [topics.replay], on_message, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 10)
+        await coroutine
+        await asyncio.sleep(after)
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["simulate", "replay"])
+async def test_every_kind_of_run_says_playing_then_done_and_retains_nothing(mosquitto, topics,
+                                                                            tmp_path, kind):
+    """`gmv simulate` and `gmv replay --broker` publish their state as they play (speed
+    included) and "done" at the end (before, the last status never left the process, so a
+    finished run showed "▶ max" for good), and leave no retained status behind for a later
+    screen."""
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    argv = ["simulate", *broker, "--scenario", "2019", "--order-scale", "0.0001"]
+    if kind == "replay":
+        recording = tmp_path / "day.gmvrec"
+        write_recording(recording, S2019)
+        argv = ["replay", str(recording), *broker]
+    env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
+    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+                                   "--scenario", "2019", "--no-checkpoint"], env=env)
+    try:
+        run = asyncio.to_thread(gmv, *argv, "--speed", "4000", env=env, timeout=60)
+        seen = await statuses_while(mosquitto, topics, run)
+    finally:
+        aggregator.terminate()
+        aggregator.wait(10)
+    states = [s["state"] for s in seen]
+    assert "playing" in states and states[-1] == "done", states
+    assert {s["speed"] for s in seen if s["state"] == "playing"} == {4000}
+    assert not any(s["retained"] for s in seen)
+    assert len({s["run"] for s in seen}) == 1
+    left = await statuses_while(mosquitto, topics, asyncio.sleep(0.5))
+    assert left == []

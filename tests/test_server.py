@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ticker.control import Verifier
+from ticker.control import Answer, Verifier, sign_answer
 from ticker.feed import parse_totals
 from ticker.mqtt import ReliablePublisher
 from ticker.server import FD_MARGIN, TickerServer
@@ -400,12 +400,19 @@ TOKEN = "operator-token-for-tests"
 
 
 @contextlib.asynccontextmanager
-async def controlled():
-    """A server with control: what it forwards to the broker lands in `sent`."""
+async def controlled(refuse: str | None = None):
+    """A server with control: what it forwards to the broker lands in `sent`, and a stand-in
+    for the replay (whose real answers tests/test_replay.py and the browser tests check)
+    answers each command on the answers topic: obeyed, or refused with `refuse`."""
     sent: list[bytes] = []
 
     async def send_control(payload: bytes) -> None:
         sent.append(payload)
+        doc = orjson.loads(payload)
+        answer = Answer(doc["nonce"], doc["cmd"], refuse is None, refuse or f"did {doc['cmd']}",
+                        "sim-test")
+        asyncio.get_running_loop().call_soon(
+            server.receive_message, "gmv/v1/answers", sign_answer(answer, TOKEN), False)
 
     async with serving(control_token=TOKEN, send_control=send_control) as (server, port):
         server.receive_totals(shard("0", 100, 1, 0))
@@ -428,12 +435,32 @@ async def test_an_operator_command_goes_on_signed_and_without_the_token():
     verify with the token and do not contain it."""
     async with controlled() as (ws, sent):
         assert await command(ws, token=TOKEN, cmd="pause") == {
-            "type": "control_result", "ok": True, "cmd": "pause"}
+            "type": "control_result", "ok": True, "cmd": "pause", "detail": "did pause"}
         assert (await command(ws, token=TOKEN, cmd="speed", speed=120))["ok"]
         assert (await command(ws, token=TOKEN, cmd="seek", to="11-11 00:30"))["ok"]
     verifier = Verifier(TOKEN)
     assert [verifier.verify(p, time.time()).cmd for p in sent] == ["pause", "speed", "seek"]
     assert not any(TOKEN.encode() in p or b"token" in p for p in sent)
+
+
+async def test_the_page_gets_the_replays_refusal_or_word_that_none_answered():
+    """An operator's command ends with the replay's answer: its refusal and reason, or, when
+    no replay answers, that none did (before, every forwarded command said ok)."""
+    async with controlled(refuse="'11-40 00:00': expected MM-DD HH:MM") as (ws, sent):
+        reply = await command(ws, token=TOKEN, cmd="seek", to="11-40 00:00")
+    assert reply == {"type": "control_result", "ok": False, "cmd": "seek",
+                     "error": "refused by the replay: '11-40 00:00': expected MM-DD HH:MM"}
+
+    async def nobody(payload: bytes) -> None:
+        pass
+
+    async with serving(control_token=TOKEN, send_control=nobody) as (server, port):
+        server.answer_timeout = 0.3
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await next_view(ws)
+            reply = await command(ws, token=TOKEN, cmd="pause")
+    assert reply == {"type": "control_result", "ok": False, "cmd": "pause",
+                     "error": "no replay answered pause within 0.3 s"}
 
 
 async def test_reset_is_refused_from_the_page():

@@ -34,11 +34,11 @@ from simulator.scenario import Scenario, scenario_for_year
 
 from . import checkpoint
 from .aggregator import Aggregator
-from .control import Command, ControlError, Verifier, minute_of, sign
+from .control import Command, ControlError, minute_of, read_answer, sign
 from .dimensions import Window
 from .errors import ConfigError
 from .feed import Comparison, Currency
-from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_control, \
+from .mqtt import BrokerSettings, ReliablePublisher, Topics, ask, connect, watch_control, \
     watch_totals
 from .server import TickerServer, raise_fd_limit
 from .wire import Limits
@@ -172,7 +172,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
             # Standalone, the task group serves until Ctrl-C; publish-only, it ends with the
             # replay.
             async with asyncio.TaskGroup() as tg:
-                listener = tg.create_task(watch_control(broker, topics, _obeyer(replay, token)),
+                listener = tg.create_task(watch_control(broker, topics, replay.obey),
                                           name="control") if token is not None else None
                 if standalone:
                     tg.create_task(aggregator.run(), name="aggregator")
@@ -192,6 +192,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                     print(f"replay done in {report.seconds:.1f} s: {report.orders:,} orders, "
                           f"GMV {_usd(report.gmv_cents)}; {verdict}; the ticker stays up "
                           "until Ctrl-C", flush=True)
+                    tg.create_task(replay.linger(), name="status")
                 else:
                     _print_report(report, args.json)
                     if listener is not None:
@@ -206,19 +207,6 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
 
 def _say(line: str) -> None:
     print(f"gmv: {line}", file=sys.stderr, flush=True)
-
-
-def _obeyer(replay: Replay, token: str):
-    verifier = Verifier(token)
-
-    async def obey(payload: bytes) -> None:
-        try:
-            command = verifier.verify(payload, time.time())
-            if command.cmd != "reset":  # our own reset, meant for the aggregators
-                await replay.control(command)
-        except ControlError as exc:
-            _say(f"control refused: {exc}")
-    return obey
 
 
 async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
@@ -332,12 +320,28 @@ async def control(args: argparse.Namespace, broker: BrokerSettings) -> int:
         command = Command("speed", speed=speed)
     else:
         command = Command(args.cmd, to=args.value if args.cmd == "seek" else None)
-    async with ReliablePublisher(broker) as publisher:
-        await publisher.send(Topics(args.prefix).control,
-                             sign(command, args.control_token, now=time.time()))
-        await publisher.flush()
-    print(f"sent {args.cmd}", flush=True)
-    return 0
+    nonce = secrets.token_hex(16)
+    topics = Topics(args.prefix)
+
+    def answers_us(payload: bytes) -> bool:
+        with contextlib.suppress(ControlError):
+            return read_answer(payload, args.control_token).nonce == nonce
+        return False
+
+    found = await ask(broker, topics.control,
+                      sign(command, args.control_token, now=time.time(), nonce=nonce),
+                      topics.answers, answers_us, timeout=args.wait)
+    if not found:
+        raise ConnectionError(f"no replay answered {args.cmd} within {args.wait:g} s: is one "
+                          f"running on {broker.url} under --prefix {args.prefix} with control "
+                          "(a control token)?")
+    answers = [read_answer(payload, args.control_token) for payload in found]
+    for answer in answers:
+        if answer.ok and answer.verified:
+            print(answer.line(), flush=True)
+        else:
+            print(f"gmv: error: {answer.line()}", file=sys.stderr, flush=True)
+    return 0 if all(a.ok and a.verified for a in answers) else 1
 
 
 # --- helpers ----------------------------------------------------------------------------------

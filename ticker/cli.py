@@ -171,6 +171,9 @@ def build_parser() -> argparse.ArgumentParser:
     ctl = commands.add_parser("control", help="pause, resume, seek or set the speed of a replay")
     ctl.add_argument("cmd", choices=("pause", "resume", "speed", "seek"))
     ctl.add_argument("value", nargs="?", help="the speed (a number or 'max') or 'MM-DD HH:MM'")
+    ctl.add_argument("--wait", type=_positive(float), default=5.0, metavar="S",
+                     help="seconds to wait for the replay's answer (default 5); exit 1 if "
+                          "none comes or it refuses")
     broker(ctl, required=True)
     control(ctl)
 

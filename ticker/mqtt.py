@@ -99,9 +99,14 @@ class Topics:
     def replay(self) -> str:
         return f"{self.prefix}/replay"
 
+    @property
+    def answers(self) -> str:
+        """Replays' answers to control commands (see ticker/control.py)."""
+        return f"{self.prefix}/answers"
+
     def kind(self, topic: str) -> tuple[str, list[str]]:
         """("orders" | "chatbot" | "producers" | "acks" | "totals" | "control" | "replay" |
-        "rejected" | "", the levels after it) for a topic under this prefix."""
+        "answers" | "rejected" | "", the levels after it) for a topic under this prefix."""
         if not topic.startswith(self.prefix + "/"):
             return "", []
         kind, *rest = topic[len(self.prefix) + 1:].split("/")
@@ -329,8 +334,29 @@ async def watch_totals(broker: BrokerSettings, topics: Topics,
                        ready: asyncio.Event | None = None) -> None:
     """The totals topics and the replay status, for the ticker server
     (`TickerServer.receive_message`). A retained copy may come from a dead aggregator."""
-    await watch(broker, [topics.all_totals, topics.replay], on_message, ready=ready,
-                role="gmv-server")
+    await watch(broker, [topics.all_totals, topics.replay, topics.answers], on_message,
+                ready=ready, role="gmv-server")
+
+
+async def ask(broker: BrokerSettings, topic: str, payload: bytes, answers: str,
+              is_answer: Callable[[bytes], bool], *, timeout: float,
+              linger: float = 0.5) -> list[bytes]:
+    """Publish `payload` on `topic` and collect the messages on `answers` for which
+    `is_answer` holds: for up to `timeout` s until the first, then `linger` s more for others
+    (several replays may answer one command)."""
+    found: list[bytes] = []
+    async with connect(broker, unique_client_id("gmv-ask")) as client:
+        await client.subscribe(answers, qos=1)
+        await client.publish(topic, payload, qos=1)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout) as deadline:
+                async for message in client.messages:
+                    body = message.payload if isinstance(message.payload, bytes) else b""
+                    if is_answer(body):
+                        if not found:
+                            deadline.reschedule(asyncio.get_running_loop().time() + linger)
+                        found.append(body)
+    return found
 
 
 async def watch_control(broker: BrokerSettings, topics: Topics,

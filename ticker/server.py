@@ -26,6 +26,7 @@ import logging
 import math
 import mimetypes
 import resource
+import secrets
 import time
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
@@ -38,7 +39,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .control import ControlError, FailureLimiter, parse_command, sign
+from .control import ControlError, FailureLimiter, parse_command, read_answer, sign
 from .logthrottle import LogThrottle
 from .feed import Comparison, Currency, Feed, MessageError, UnknownShard, default_name
 
@@ -99,6 +100,8 @@ class TickerServer:
         self.heartbeat_interval = 1.0
         self._wrong_tokens = FailureLimiter(burst=5, refill=1.0)  # shared by all viewers
         self._ignored_log, self._refused_log = LogThrottle(), LogThrottle()
+        self._answers: dict[str, asyncio.Future] = {}  # nonce -> the replay's answer
+        self.answer_timeout = 3.0
 
     @property
     def viewers(self) -> int:
@@ -116,6 +119,9 @@ class TickerServer:
                 self.feed.accept_totals(level, payload, None if retained else time.monotonic())
             elif level == "replay":
                 self.feed.accept_replay(payload, retained=retained, now=time.monotonic())
+            elif level == "answers":
+                self._answered(payload)
+                return
             else:
                 return
         except UnknownShard as exc:
@@ -225,18 +231,20 @@ class TickerServer:
             return None
         cmd = doc.get("cmd")
         try:
-            await self._forward(doc)
+            detail = await self._forward(doc)
         except ControlError as exc:
             if count := self._refused_log.due(time.monotonic()):
                 log.warning("refused %d control command(s) from viewers since the last "
                             "report; the latest: %s", count, exc)
             return {"type": "control_result", "ok": False, "cmd": cmd, "error": str(exc)}
-        return {"type": "control_result", "ok": True, "cmd": cmd}
+        return {"type": "control_result", "ok": True, "cmd": cmd, "detail": detail}
 
-    async def _forward(self, doc: dict) -> None:
+    async def _forward(self, doc: dict) -> str:
         """Send the command on, signed, if the token is right and the command one the page
-        may give. Wrong tokens drain a bucket shared by all viewers; while it is empty the
-        token is not even checked, so guessing is held to about one try a second."""
+        may give, and wait for the replay's answer: what it did, or ControlError with why
+        not (or that none answered). Wrong tokens drain a bucket shared by all viewers;
+        while it is empty the token is not even checked, so guessing is held to about one
+        try a second."""
         if self.send_control is None:
             raise ControlError("this server has no replay control")
         if self.control_token is None:
@@ -253,8 +261,32 @@ class TickerServer:
         if command.cmd not in PAGE_COMMANDS:
             raise ControlError(f"{command.cmd} is not accepted from the page: only "
                                f"{', '.join(PAGE_COMMANDS)}")
-        await self.send_control(sign(command, self.control_token, now=time.time()))
-        log.info("forwarded an operator's %s from the page", command)
+        nonce = secrets.token_hex(16)
+        answer = self._answers[nonce] = asyncio.get_running_loop().create_future()
+        try:
+            await self.send_control(sign(command, self.control_token, now=time.time(),
+                                         nonce=nonce))
+            log.info("forwarded an operator's %s from the page", command)
+            async with asyncio.timeout(self.answer_timeout):
+                ok, detail = await answer
+        except TimeoutError:
+            raise ControlError(f"no replay answered {command.cmd} within "
+                               f"{self.answer_timeout:g} s") from None
+        finally:
+            del self._answers[nonce]
+        if not ok:
+            raise ControlError(f"refused by the replay: {detail}")
+        return detail
+
+    def _answered(self, payload: bytes) -> None:
+        """A replay's answer: settles the command of ours it names, if it is authentic."""
+        if self.control_token is None:
+            return
+        with contextlib.suppress(ControlError):
+            answer = read_answer(payload, self.control_token)
+            waiting = self._answers.get(answer.nonce)
+            if answer.verified and waiting is not None and not waiting.done():
+                waiting.set_result((answer.ok, answer.detail))
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         """Static files and /api/totals for GET and HEAD; /ws goes on to the handshake if
