@@ -385,3 +385,43 @@ def test_backup_without_a_checkpoint_is_none(tmp_path):
     """Nothing to back up gives None and writes nothing."""
     assert checkpoint.backup(tmp_path / "agg.ckpt") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def big_brand_state() -> AggregateState:
+    state = AggregateState(LIMITS, big_brand_cents=100)
+    state.apply(batch(0, 2, [150, 30], [1, 2]))
+    state.apply(batch(1, 7, [80, 120], [2, 3]))
+    return state
+
+
+def test_a_checkpoint_round_trip_keeps_the_big_brands_crossing_minutes(tmp_path):
+    """The minute each big brand crossed the line survives a save and a load."""
+    path = tmp_path / "agg.ckpt"
+    checkpoint.save(path, checkpoint.export(big_brand_state()))
+    restored = checkpoint.load(path, LIMITS, big_brand_cents=100)
+    assert restored.big_brand_minutes == [2, 7, 7]
+    assert totals(restored) == totals(big_brand_state())
+
+
+def test_a_checkpoint_from_before_crossing_minutes_loads_them_at_its_latest_minute(tmp_path):
+    """A checkpoint written before the crossing minutes were kept (or for another line)
+    loads; its big brands count as crossing at the latest minute, the earliest it can vouch
+    for."""
+    path = tmp_path / "agg.ckpt"
+    checkpoint.save(path, checkpoint.export(big_brand_state()))
+    forge(path, lambda header, arrays: [header.pop("big_brand_minutes"),
+                                        header.pop("big_brand_cents")])
+    assert checkpoint.load(path, LIMITS, big_brand_cents=100).big_brand_minutes == [7, 7, 7]
+    checkpoint.save(path, checkpoint.export(big_brand_state()))
+    assert checkpoint.load(path, LIMITS, big_brand_cents=50).big_brand_minutes == [7, 7, 7]
+
+
+@pytest.mark.parametrize("minutes", [[7, 2], [-1], [10], "2,7", [2.0], [0] * 1001])
+def test_forged_crossing_minutes_are_refused(tmp_path, minutes):
+    """Crossing minutes that are unsorted, outside the window, not integers or too many are
+    a clear refusal."""
+    path = tmp_path / "agg.ckpt"
+    checkpoint.save(path, checkpoint.export(big_brand_state()))
+    forge(path, lambda header, arrays: header.update(big_brand_minutes=minutes))
+    with pytest.raises(ConfigError, match="big_brand_minutes: not a sorted list"):
+        checkpoint.load(path, LIMITS, big_brand_cents=100)

@@ -575,18 +575,28 @@ _totals_docs = st.builds(
                                              **({field: value} if field else {})},
     st.sampled_from(["0", "1", "zz", ""]), st.integers(-1, 2**64 - 1), st.integers(0, 10),
     st.sampled_from([None, "minute", "window", "country_gmv_cents", "rejected", "shard", "v",
-                     "recent_gmv_cents", "latency_ms", "gaps"]),
+                     "recent_gmv_cents", "latency_ms", "gaps", "brands_big", "big_brand_cents",
+                     "big_brand_minutes", "top_brands", "recent_orders", "curve_cents",
+                     "curve_bucket_minutes"]),
     st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**64 - 1), st.floats(),
               st.text(max_size=5), st.lists(st.integers(0, 3), max_size=300),
-              st.dictionaries(st.text(max_size=3), st.integers(0, 2**60), max_size=3)))
+              st.dictionaries(st.text(max_size=3), st.integers(0, 2**60), max_size=3),
+              st.lists(st.lists(st.integers(-1, 2**33), max_size=3), max_size=12),
+              st.lists(st.integers(-2, 16_000), max_size=12),
+              st.builds(lambda n, v: [v] * n, st.integers(995, 1005), st.integers(0, 15_839)),
+              st.builds(lambda n, v: [v] * n, st.integers(1, 3), st.integers(2**53 - 2,
+                                                                              2**53))))
 _server_payloads = st.one_of(
     _totals_docs.map(lambda d: orjson.dumps(d, option=orjson.OPT_NON_STR_KEYS)),
     st.binary(max_size=40),
-    st.builds(lambda state, speed: orjson.dumps({"v": 1, "state": state, "speed": speed,
-                                                 "minute": 3, "scenario": "2020",
-                                                 "loop": False}),
+    st.builds(lambda state, speed, extra: orjson.dumps({"v": 1, "state": state, "speed": speed,
+                                                        "minute": 3, "scenario": "2020",
+                                                        "loop": False, **extra}),
               st.sampled_from(["playing", "done", "bogus"]),
-              st.one_of(st.none(), st.floats(), st.integers(-5, 5))))
+              st.one_of(st.none(), st.floats(), st.integers(-5, 5)),
+              st.dictionaries(st.sampled_from(["from", "to", "run"]),
+                              st.one_of(st.integers(-1, 20_000), st.text(max_size=70)),
+                              max_size=3)))
 _server_topics = st.sampled_from(["gmv/v1/totals/0", "gmv/v1/totals/1", "gmv/v1/totals/zz",
                                   "gmv/v1/totals/", "gmv/v1/replay", "gmv/v1/orders/a/0", ""])
 
@@ -596,14 +606,119 @@ _server_topics = st.sampled_from(["gmv/v1/totals/0", "gmv/v1/totals/1", "gmv/v1/
 def test_any_messages_on_its_topics_never_raise_and_only_valid_totals_move_the_view(stream):
     """Whatever arrives on any topic the server subscribes to, receive_message returns, the
     view always encodes, and its GMV is the sum of the last valid totals of each expected
-    shard (here 0 and 1), nothing else."""
+    shard (here 0 and 1), nothing else; the screen's figures stay in their bounds."""
     server, last = TickerServer(expected_shards=2), {}
-    for topic, payload, retained in stream:
+    for i, (topic, payload, retained) in enumerate(stream):
         server.receive_message(topic, payload, retained)
+        server.feed.tick(time.monotonic() + i)
         kind, _, shard_id = topic.rpartition("/")
         if kind == "gmv/v1/totals" and shard_id in ("0", "1"):
             with contextlib.suppress(ValueError):
                 last[shard_id] = parse_totals(shard_id, orjson.loads(payload))["gmv_cents"]
         server.feed.publish()
         orjson.loads(server.feed.snapshot_frame)
-        assert server.feed.view["gmv_cents"] == sum(last.values())
+        view = server.feed.view
+        assert view["gmv_cents"] == sum(last.values())
+        assert len(view["top_brands"]) <= 10 and len(view["milestones"]) <= 11
+        assert [m["minute"] for m in view["milestones"]] == \
+            sorted(m["minute"] for m in view["milestones"])
+
+
+# --- liveness: a heartbeat every second, the replay status expires ---------------------------
+
+async def test_a_heartbeat_comes_every_second_while_the_view_changes():
+    """Totals changing 20 times a second still leave a heartbeat every second (before, it came
+    only after a quiet second, so a page fed by anything at all stayed "LIVE")."""
+    async with serving() as (server, port):
+        server.receive_totals(shard("0", 1, 1, 0))
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            beats, views = [], 0
+
+            async def feed() -> None:
+                for gmv in range(2, 80):
+                    server.receive_totals(shard("0", gmv, 1, 0))
+                    await asyncio.sleep(0.05)
+            feeding = asyncio.create_task(feed())
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(3.6):
+                    while True:
+                        frame = orjson.loads(await ws.recv())
+                        if frame["type"] == "heartbeat":
+                            beats.append((time.monotonic(), frame["upstream_age_ms"]))
+                        else:
+                            views += 1
+            await feeding
+    assert views > 30 and len(beats) >= 3
+    assert all(0.8 < b[0] - a[0] < 1.3 for a, b in zip(beats, beats[1:]))
+    assert all(age < 500 for _, age in beats)
+
+
+async def test_the_replay_status_goes_null_5_s_after_the_last_one():
+    """The page's replay status is dropped 5 s after the last status message, and a status
+    does not make the totals fresh."""
+    async with serving() as (server, port):
+        server.receive_totals(shard("0", 1, 1, 0), False)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.recv()
+            server.receive_message("gmv/v1/replay", orjson.dumps(
+                {"v": 1, "state": "playing", "speed": 60, "minute": 9}), False)
+            sent = time.monotonic()
+            replay, ages = "unset", []
+            async with asyncio.timeout(8):
+                while replay is not None:
+                    frame = orjson.loads(await ws.recv())
+                    if frame["type"] == "heartbeat":
+                        ages.append(frame["upstream_age_ms"])
+                    elif "replay" in frame:
+                        replay = frame["replay"]
+            gone = time.monotonic() - sent
+    assert 5.0 <= gone < 6.3 and set(ages) == {None}
+
+
+async def test_a_real_gmv_serve_beats_every_second_and_drops_a_stale_replay_status(
+        mosquitto, topics, tmp_path):
+    """A real `gmv serve` with a real broker: while an aggregator's totals change ten times a
+    second, a heartbeat comes every second with a small upstream age; when they stop and only
+    replay statuses come, the age grows (so the page turns STALE); 5 s after the last status
+    the view's `replay` is null."""
+    port, log = free_port(), tmp_path / "serve.log"
+    frames: list[tuple[float, dict]] = []
+    async with ReliablePublisher(mosquitto) as publisher:
+        with open(log, "wb") as out:
+            serve = subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", "--broker",
+                                      mosquitto.url, "--prefix", topics.prefix, "--port",
+                                      str(port)], stderr=out)
+            try:
+                await asyncio.to_thread(wait_for_port, port)
+                async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+                    async def read() -> None:
+                        while True:
+                            frames.append((time.monotonic(), orjson.loads(await ws.recv())))
+                    reader = asyncio.create_task(read())
+                    for gmv in range(1, 41):  # 4 s of an aggregator publishing
+                        await publisher.send(topics.totals("0"),
+                                             orjson.dumps(shard("0", gmv, gmv, 0)))
+                        await asyncio.sleep(0.1)
+                    totals_end = time.monotonic()
+                    for minute in range(6):  # 3 s of replay statuses only
+                        last_status = time.monotonic()  # the server hears it after this
+                        await publisher.send(topics.replay, orjson.dumps(
+                            {"v": 1, "state": "playing", "speed": 60, "minute": minute}))
+                        await asyncio.sleep(0.5)
+                    await asyncio.sleep(6.5)
+                    reader.cancel()
+            finally:
+                serve.terminate()
+                serve.wait(10)
+    beats = [(t, f["upstream_age_ms"]) for t, f in frames if f["type"] == "heartbeat"]
+    live = [b for b in beats if b[0] < totals_end]
+    # Read times jitter with this test's own loop: count beats, and allow a late one.
+    assert len(live) >= 3 and all(age is not None and age < 1000 for _, age in live[1:])
+    assert len(beats) >= 11 and all(b[0] - a[0] < 2.2 for a, b in zip(beats, beats[1:]))
+    late = [age for t, age in beats if t > totals_end + 3]
+    assert late and min(late) > 2500
+    replays = [(t, f["replay"]) for t, f in frames if "replay" in f]
+    shown = [t for t, r in replays if r is not None and r["minute"] == 5]  # the last status
+    cleared = [t for t, r in replays if r is None and t > last_status]
+    assert shown and cleared and 4.5 < cleared[0] - shown[0] < 6.5
+    assert b"Traceback" not in log.read_bytes()

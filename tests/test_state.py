@@ -323,3 +323,151 @@ def test_stamped_batches_feed_the_latency_histogram():
     assert latency["count"] == 100 and latency["max"] == 200.0
     assert 0.92 < latency["p50"] < 1.09 and 46 < latency["p99"] < 55
     assert state.snapshot()["newest_sent_at_us"] == 10**15 + 100
+
+
+# --- what the screen needs: big brands, leaders, recent minutes, the curve -------------------
+
+class SpanningBatch(OrderBatch):
+    """A batch whose orders fall in several minutes (as a catch-up's bulk batch does)."""
+
+    def order_minutes(self) -> np.ndarray:
+        return self.__dict__["minutes"]
+
+
+BIG = Limits(n_brands=6, n_minutes=20, n_countries=3, n_platforms=2)
+
+
+def spanning(seq: int, rows) -> SpanningBatch:
+    """rows: (minute, brand, cents) in order."""
+    minutes, brands, amounts = zip(*rows)
+    n = len(rows)
+    spans = SpanningBatch("p", seq, max(minutes), np.array(amounts, np.int64),
+                          np.array(brands, np.uint32), np.zeros(n, np.uint8),
+                          np.zeros(n, np.uint8))
+    spans.__dict__["minutes"] = np.array(minutes, np.int64)  # the dataclass may be frozen
+    return spans
+
+
+def test_a_brand_crosses_the_line_at_the_minute_of_the_order_that_takes_it_over():
+    """brands_big counts brands at or above the line; each one's crossing minute is that of
+    the order that took it there, even inside a batch spanning minutes, sorted."""
+    state = AggregateState(BIG, big_brand_cents=100)
+    state.apply(spanning(0, [(2, 1, 60), (3, 2, 99), (4, 1, 39), (5, 1, 1), (6, 1, 500)]))
+    assert state.big_brand_minutes == [5]
+    state.apply(spanning(1, [(7, 2, 1), (8, 3, 100), (9, 2, 5)]))
+    snap = state.snapshot()
+    assert snap["brands_big"] == 3 and snap["big_brand_cents"] == 100
+    assert snap["big_brand_minutes"] == [5, 7, 8]
+
+
+def test_reset_forgets_the_big_brands():
+    """After a reset no brand is big and no crossing is remembered."""
+    state = AggregateState(BIG, big_brand_cents=10)
+    state.apply(batch(0, 1, [50], [2]))
+    state.reset()
+    snap = state.snapshot()
+    assert snap["brands_big"] == 0 and snap["big_brand_minutes"] == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 19), st.integers(0, 5),
+                                   st.integers(1, 60)), min_size=1, max_size=12),
+                max_size=12), st.integers(1, 200))
+def test_crossing_minutes_match_an_order_by_order_walk(batches, line):
+    """Whatever the batches, the crossing minutes are those a walk over every order finds."""
+    state = AggregateState(BIG, big_brand_cents=line)
+    totals, crossed = [0] * 6, []
+    for seq, rows in enumerate(batches):
+        state.apply(spanning(seq, rows))
+        for minute, brand, cents in rows:
+            if totals[brand] < line <= totals[brand] + cents:
+                crossed.append(minute)
+            totals[brand] += cents
+    snap = state.snapshot()
+    assert snap["big_brand_minutes"] == sorted(crossed)
+    assert snap["brands_big"] == sum(t >= line for t in totals)
+
+
+def test_only_the_first_1000_crossing_minutes_are_kept():
+    """With more than 1,000 big brands, the 1,000 earliest crossing minutes are reported (a
+    later batch may bring earlier minutes); the count is of all of them."""
+    limits = Limits(n_brands=3000, n_minutes=100, n_countries=3, n_platforms=2)
+    state = AggregateState(limits, big_brand_cents=10)
+    state.apply(batch(0, 50, [10] * 1500, list(range(1500))))
+    state.apply(batch(1, 20, [10] * 600, list(range(1500, 2100))))
+    snap = state.snapshot()
+    assert snap["brands_big"] == 2100
+    assert snap["big_brand_minutes"] == [20] * 600 + [50] * 400
+
+
+def test_big_brand_cents_must_be_a_positive_integer():
+    """The line is checked up front, naming the parameter."""
+    for bad in (0, -5, 1.5):
+        with pytest.raises(ValueError, match="big_brand_cents="):
+            AggregateState(LIMITS, big_brand_cents=bad)
+
+
+def test_top_brands_are_the_ten_with_most_gmv_ties_by_lower_id():
+    """top_brands is [[id, cents], ...], most first, equal GMV by lower id, none at zero."""
+    limits = Limits(n_brands=30, n_minutes=10, n_countries=3, n_platforms=2)
+    state = AggregateState(limits)
+    assert state.snapshot()["top_brands"] == []
+    state.apply(batch(0, 0, [5, 9, 9, 1, 9], [20, 3, 17, 4, 8]))
+    assert state.snapshot()["top_brands"] == [[3, 9], [8, 9], [17, 9], [20, 5], [4, 1]]
+    state.apply(batch(1, 0, [7] * 20, list(range(10, 30))))
+    assert state.snapshot()["top_brands"] == [[17, 16], [20, 12], [3, 9], [8, 9], [10, 7],
+                                              [11, 7], [12, 7], [13, 7], [14, 7], [15, 7]]
+
+
+def test_recent_orders_align_with_recent_gmv_and_the_curve_has_hourly_buckets():
+    """recent_orders has one entry per recent minute beside recent_gmv_cents; the curve is
+    the GMV of each hour from the start to the latest one, not cumulative."""
+    limits = Limits(n_brands=5, n_minutes=15_840, n_countries=3, n_platforms=2)
+    state = AggregateState(limits)
+    state.apply(batch(0, 0, [5], [1]))
+    state.apply(batch(1, 59, [7, 1], [1, 2]))
+    state.apply(batch(2, 130, [11], [1]))
+    snap = state.snapshot()
+    assert len(snap["recent_gmv_cents"]) == len(snap["recent_orders"]) == 131
+    assert snap["recent_orders"][59] == 2 and snap["recent_gmv_cents"][59] == 8
+    assert snap["curve_bucket_minutes"] == 60 and snap["curve_cents"] == [13, 0, 11]
+    state.apply(batch(3, 15_839, [1], [1]))
+    snap = state.snapshot()
+    assert len(snap["recent_gmv_cents"]) == len(snap["recent_orders"]) == 1440
+    assert len(snap["curve_cents"]) == 264 and sum(snap["curve_cents"]) == state.gmv_cents
+
+
+def test_a_long_window_has_at_most_720_curve_buckets():
+    """A window of 10^6 minutes gets buckets of whole hours, at most 720 of them."""
+    limits = Limits(n_brands=5, n_minutes=10**6, n_countries=3, n_platforms=2)
+    state = AggregateState(limits)
+    state.apply(batch(0, 10**6 - 1, [3], [1]))
+    snap = state.snapshot()
+    assert snap["curve_bucket_minutes"] == 1440 and len(snap["curve_cents"]) == 695
+    assert snap["curve_cents"][-1] == 3
+
+
+@pytest.mark.parametrize("minutes", [15_840, 10**6])
+def test_the_totals_message_stays_under_the_servers_64_KiB_at_worst(minutes):
+    """With every figure as long as the bounds allow (2^53 cents spread over the recent
+    minutes and the curve, 1,000 crossing minutes, ten 16-digit leaders), a shard's totals
+    message is under the 64 KiB the server accepts."""
+    from ticker.dimensions import FESTIVAL_2020
+    from ticker.feed import MAX_MESSAGE_BYTES, parse_totals
+
+    limits = Limits(n_brands=250_000, n_minutes=minutes, n_countries=12, n_platforms=3)
+    state = AggregateState(limits)
+    state.latest_minute = minutes - 1
+    spread = MAX_TOTAL // minutes if minutes > 1440 * 100 else MAX_TOTAL // 1440
+    state.gmv_by_minute[-1440:] = spread
+    state.orders_by_minute[-1440:] = spread
+    if minutes > 1440 * 100:
+        state.gmv_by_minute[:] = spread  # the curve's buckets as long as they get
+    state.gmv_by_brand[:10] = 10**15
+    state.big_brand_minutes = [minutes - 1] * 1000
+    state.gmv_cents = state.orders = MAX_TOTAL
+    window = {**FESTIVAL_2020.as_dict(), "minutes": minutes}
+    doc = {"v": 1, "shard": "0", "window": window, **state.snapshot()}
+    payload = orjson.dumps(doc)
+    assert len(payload) < 56_000 < MAX_MESSAGE_BYTES, len(payload)
+    parse_totals("0", orjson.loads(payload))
