@@ -19,6 +19,7 @@ class PlaybackClock:
         self.paused = False
         self._anchor_minute = float(minute)
         self._anchor_time = now
+        self._moved = False  # by a pause, resume, speed change or seek since it was made
 
     @staticmethod
     def _check(speed: float | None) -> None:
@@ -43,10 +44,17 @@ class PlaybackClock:
         return max(0.0, (minute - self._anchor_minute) * 60.0 / self.speed
                    - (now - self._anchor_time))
 
+    def start(self, now: float) -> None:
+        """Start the clock at `now` instead of when it was made (a replay waits for its
+        aggregators first), unless a command has already moved it."""
+        if not self._moved:
+            self._anchor_time = now
+
     def _reanchor(self, now: float, minute: float | None = None) -> None:
         position = self.position(now)
         self._anchor_minute = position if minute is None else float(minute)
         self._anchor_time = now
+        self._moved = True
 
     def pause(self, now: float) -> None:
         if not self.paused:
@@ -57,12 +65,14 @@ class PlaybackClock:
         if self.paused:
             self._anchor_time = now
             self.paused = False
+            self._moved = True
 
     def set_speed(self, speed: float | None, now: float) -> None:
         self._check(speed)
         if self.speed is not None or self.paused:
             self._reanchor(now)
         self.speed = speed
+        self._moved = True
 
     def seek(self, minute: float, now: float) -> None:
         self._reanchor(now, minute)

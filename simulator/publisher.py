@@ -188,6 +188,7 @@ class Replay:
             await asyncio.sleep(STATUS_EVERY)
 
     async def _play(self, progress: Callable[[PublishReport], None] | None) -> None:
+        self.clock.start(self._now())  # the schedule starts now, not while waiting to start
         while True:
             if self._restart_to is not None:
                 target, self._restart_to = self._restart_to, None

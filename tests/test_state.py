@@ -471,3 +471,64 @@ def test_the_totals_message_stays_under_the_servers_64_KiB_at_worst(minutes):
     payload = orjson.dumps(doc)
     assert len(payload) < 56_000 < MAX_MESSAGE_BYTES, len(payload)
     parse_totals("0", orjson.loads(payload))
+
+
+# --- batches spanning minutes (minute runs) ------------------------------------------------------
+
+def arrays(state: AggregateState) -> dict[str, object]:
+    """Every figure a state holds, to compare two states."""
+    names = ("gmv_by_brand", "orders_by_brand", "gmv_by_minute", "orders_by_minute",
+             "gmv_by_country", "orders_by_country", "gmv_by_platform", "orders_by_platform",
+             "brand_overseas")
+    figures: dict[str, object] = {name: getattr(state, name).tolist() for name in names}
+    figures.update(gmv_cents=state.gmv_cents, orders=state.orders,
+                   latest_minute=state.latest_minute,
+                   big_brand_minutes=list(state.big_brand_minutes))
+    return figures
+
+
+def test_a_bulk_batch_gives_exactly_the_arrays_of_the_minute_by_minute_batches():
+    """Two hours of 2020's Nov 11 (the peak minute included) as 3 bulk batches with minute
+    runs, through the codec, leave every array, the latest minute and each big brand's
+    crossing minute exactly as 120 batches of one minute do."""
+    from simulator.publisher import ScenarioSource
+    from simulator.scenario import scenario_for_year
+    from simulator.slicing import Bulk
+
+    from .conftest import festival_limits
+    limits = festival_limits()
+    source = ScenarioSource(scenario_for_year(2020))
+    line = 2_000_000_00  # USD 2M: some brands cross it within these two hours
+    one_by_one = AggregateState(limits, big_brand_cents=line)
+    bulk_state = AggregateState(limits, big_brand_cents=line)
+    bulk, seq, bulk_batches = Bulk(max_orders=150_000), 0, []
+    for minute in range(14_400, 14_520):
+        messages = [m for m in source.messages(minute) if isinstance(m, OrderBatch)]
+        for m in messages:
+            one_by_one.apply(dataclasses.replace(m, producer="p", seq=seq))
+            seq += 1
+        bulk_batches += bulk.add(messages)
+    bulk_batches += bulk.flush()
+    assert len(bulk_batches) == 3 and all(b.minute_runs is not None for b in bulk_batches)
+    for seq, b in enumerate(bulk_batches):
+        for binary in (True, False):
+            payload = encode(dataclasses.replace(b, producer="q", seq=seq), binary=binary)
+            decoded = decode(payload, limits)
+            assert decoded.order_minutes().tolist() == b.order_minutes().tolist()
+        assert bulk_state.apply(decoded)
+    assert one_by_one.big_brand_minutes  # the comparison below covers crossings
+    assert arrays(bulk_state) == arrays(one_by_one)
+    assert bulk_state.latest_minute == 14_519 and bulk_state.batches == 3
+
+
+def test_minute_runs_split_one_batch_over_its_minutes():
+    """Orders of minutes 1, 1, 4 in one batch add to minutes 1 and 4 (GMV and orders); the
+    latest minute is 4; the snapshot's minute GMV is minute 4's."""
+    state = AggregateState(LIMITS)
+    spanning = dataclasses.replace(batch(0, 4, [100, 20, 3], [0, 1, 2]),
+                                   minute_runs=np.array([[1, 2], [4, 1]]))
+    assert state.apply(spanning)
+    assert state.gmv_by_minute.tolist() == [0, 120, 0, 0, 3, 0, 0, 0, 0, 0]
+    assert state.orders_by_minute.tolist() == [0, 2, 0, 0, 1, 0, 0, 0, 0, 0]
+    assert state.latest_minute == 4 and state.snapshot()["gmv_minute_cents"] == 3
+    assert state.gmv_by_brand.tolist() == [100, 20, 3, 0, 0]

@@ -537,7 +537,7 @@ def test_doc_json_example_decodes():
 
 def test_doc_mosquitto_pub_json_is_the_json_example():
     """The JSON in the doc's `mosquitto_pub -m '...'` command decodes to the JSON example."""
-    commands = re.findall(r"mosquitto_pub .*? -m '([^']*)'", DOC.read_text())
+    commands = re.findall(r"mosquitto_pub .*?hand-1/0 -m '([^']*)'", DOC.read_text())
     assert len(commands) == 1
     assert columns(decode(commands[0].encode(), LIMITS)) == columns(
         decode(doc_block("json").encode(), LIMITS))
@@ -545,14 +545,15 @@ def test_doc_mosquitto_pub_json_is_the_json_example():
 
 
 async def test_doc_commands_published_by_hand_reach_the_totals(mosquitto, topics):
-    """The doc's two mosquitto_pub commands, run as written (prefix and port aside), add
-    USD 1,768.99 + USD 469.99 to a running aggregator, nothing rejected; run again, they are
+    """The doc's three mosquitto_pub commands, run as written (prefix and port aside), add
+    USD 1,768.99 + USD 469.99 + USD 1,768.99 (the minute runs example: two orders at 00:00,
+    one at 00:01) to a running aggregator, nothing rejected; run again, they are
     duplicates."""
     from .conftest import running_pipeline
     text = DOC.read_text()
     commands = [line for line in text.splitlines() if "mosquitto_pub" in line
                 and "-q 1 -t gmv/v1/orders/" in line]
-    assert len(commands) == 2
+    assert len(commands) == 3
     script = "\n".join(commands).replace("gmv/v1/", f"{topics.prefix}/")
     async with running_pipeline(mosquitto, topics) as pipeline:
         for _ in range(2):
@@ -560,9 +561,11 @@ async def test_doc_commands_published_by_hand_reach_the_totals(mosquitto, topics
                 script, env={**os.environ, "PORT": str(mosquitto.port)})
             assert await done.wait() == 0
         async with asyncio.timeout(10):
-            while pipeline.state.duplicates < 2:
+            while pipeline.state.duplicates < 3:
                 await asyncio.sleep(0.05)
-    assert pipeline.state.gmv_cents == 176_899 + 46_999 and not pipeline.state.rejected
+    assert pipeline.state.gmv_cents == 176_899 + 46_999 + 176_899 and not pipeline.state.rejected
+    assert pipeline.state.gmv_by_minute[14400:14402].tolist() == [176_899 + 46_999 + 46_999,
+                                                                  129_900]
 
 
 def test_doc_binary_one_liner_builds_the_documented_hex_bytes():
@@ -588,6 +591,158 @@ def test_doc_country_and_platform_tables_match_dimensions():
         assert f"| {i} | {name} |" in text
 
 
+# --- minute runs: one batch spanning several minutes ------------------------------------------
+
+# The JSON and binary examples of docs/wire-format.md: orders at 14400, 14400 and 14401.
+JSON_RUNS = (b'{"v":1,"producer":"hand-3","seq":0,"minute":14401,'
+             b'"amount_cents":[1999,45000,129900],"brand":[17,4,249999],"country":[0,1,7],'
+             b'"platform":[0,1,0],"minute_runs":[14400,2,14401,1]}')
+
+
+def binary_runs(runs=((14400, 2), (14401, 1)), *, amounts=(1999, 45000, 129900),
+                brands=(17, 4, 249999), countries=(0, 1, 7), platforms=(0, 1, 0),
+                minute: int = 14401, run_count: int | None = None, sent_at: int | None = None,
+                producer: bytes = b"hand-3", cut: int = 0) -> bytes:
+    """A binary batch with flag 0x02 packed by hand: the header, the send time (flag 0x01)
+    if given, the uint64 run count, the producer id and padding, the runs, the columns."""
+    k = len(amounts)
+    flags = 0x02 | (0x01 if sent_at is not None else 0)
+    payload = b"".join([
+        struct.pack(HEADER, b"GMVB", 1, flags, len(producer), k, 0, minute),
+        struct.pack("<q", sent_at) if sent_at is not None else b"",
+        struct.pack("<Q", len(runs) if run_count is None else run_count),
+        producer, b"\0" * (-len(producer) % 8),
+        b"".join(struct.pack("<2I", m, c) for m, c in runs),
+        struct.pack(f"<{k}q", *amounts), struct.pack(f"<{k}I", *brands),
+        bytes(countries), bytes(platforms)])
+    return payload[:len(payload) - cut]
+
+
+def test_json_batch_with_minute_runs_gives_each_order_its_minute():
+    """`minute_runs` [14400, 2, 14401, 1]: the first two orders are of 14400, the third of
+    14401, which is the batch's `minute`, its latest."""
+    batch = decode(JSON_RUNS, LIMITS)
+    assert columns(batch) == ("hand-3", 0, 14401, [1999, 45000, 129900], [17, 4, 249999],
+                              [0, 1, 7], [0, 1, 0])
+    assert batch.order_minutes().tolist() == [14400, 14400, 14401]
+    assert batch.order_minutes().dtype == np.int64
+    assert [m.tolist() for m in batch.run_minutes()] == [[14400, 14401], [2, 1]]
+
+
+def test_hand_built_binary_batch_with_minute_runs_decodes_and_encode_writes_it():
+    """Flag 0x02: a uint64 run count at 24, the producer id at 32, the runs (uint32 minute,
+    uint32 count) at 40, the columns after them: the documented 98 bytes, both ways."""
+    payload = binary_runs()
+    assert payload == bytes.fromhex(
+        "474d5642 01 02 0600 03000000 0000000000000000 41380000"
+        "0200000000000000 68616e642d330000 4038000002000000 4138000001000000"
+        "cf07000000000000 c8af000000000000 6cfb010000000000 11000000 04000000 8fd00300"
+        "000107 000100")
+    batch = decode(payload, LIMITS)
+    assert columns(batch) == columns(decode(JSON_RUNS, LIMITS))
+    assert batch.order_minutes().tolist() == [14400, 14400, 14401]
+    assert np.shares_memory(batch.minute_runs, np.frombuffer(payload, np.uint8))
+    assert encode(batch) == payload
+    assert encode(batch, binary=False) == JSON_RUNS
+
+
+def test_minute_runs_follow_the_send_time_when_both_flags_are_set():
+    """Flags 0x03: the send time at 24, then the run count at 32, the producer id at 40."""
+    payload = binary_runs(sent_at=1_700_000_000_123_456)
+    assert payload[5] == 0x03 and struct.unpack_from("<qQ", payload, 24) == \
+        (1_700_000_000_123_456, 2)
+    batch = decode(payload, LIMITS)
+    assert batch.sent_at_us == 1_700_000_000_123_456
+    assert batch.order_minutes().tolist() == [14400, 14400, 14401]
+    assert encode(batch) == payload
+
+
+def test_a_batch_without_minute_runs_is_all_of_its_minute_as_before():
+    """Without runs every order is of `minute` (the format before runs means the same)."""
+    batch = decode(JSON_OK, LIMITS)
+    assert batch.minute_runs is None and batch.order_minutes().tolist() == [660, 660]
+    assert [m.tolist() for m in batch.run_minutes()] == [[660], [2]]
+    assert b"minute_runs" not in encode(batch, binary=False) and encode(batch)[5] == 0
+
+
+def runs_json(runs: object, minute: int = 14401) -> bytes:
+    doc = orjson.loads(JSON_RUNS)
+    doc["minute_runs"], doc["minute"] = runs, minute
+    return json.dumps(doc).encode()
+
+
+@pytest.mark.parametrize("runs, minute, reason, detail", [
+    ([14400, 0, 14401, 3], 14401, "bad_minutes", "at least 1"),
+    ([14400, 2, 14401, 2], 14401, "bad_minutes", "add up to the 3 orders"),
+    ([14400, 1, 14401, 1], 14401, "bad_minutes", "add up"),
+    ([14401, 2, 14401, 1], 14401, "bad_minutes", "strictly increase"),
+    ([14401, 2, 14400, 1], 14400, "bad_minutes", "strictly increase"),
+    ([14400, 2, 14401, 1], 14400, "bad_minutes", "not the last run's minute"),
+    ([], 14401, "bad_minutes", "at least one"),
+    ([14400, 2, 14401], 14401, "bad_minutes", "pairs"),
+    (5, 14401, "bad_minutes", "not a list"),
+    ([14400, 2, 15840, 1], 14401, "out_of_range", "outside 0..15839"),
+    ([-1, 2, 14401, 1], 14401, "out_of_range", "outside 0..15839"),
+    ([14400, 2.0, 14401, 1], 14401, "bad_type", "2.0"),
+    ([14400, 2, 14401, True], 14401, "bad_type", "True"),
+    ([2**63, 2, 14401, 1], 14401, "out_of_range", "beyond 64 bits"),
+    ([[14400, 2], [14401, 1]], 14401, "too_nested", "five with minute_runs"),
+])
+def test_json_minute_runs_that_do_not_describe_the_batch_are_rejected(runs, minute, reason,
+                                                                       detail):
+    """Runs must be minute, count pairs of integers, minutes in the window and strictly
+    increasing, the last the batch's minute, counts at least 1 adding up to the batch."""
+    assert detail in rejected(runs_json(runs, minute), reason)
+
+
+def test_more_minute_runs_than_the_window_has_minutes_are_oversized():
+    """A batch can hold at most one run per minute of the window (here 10), and at most
+    `max_minute_runs`; more is refused before anything is allocated for them."""
+    ten = Limits(n_brands=5, n_minutes=10, n_countries=2, n_platforms=3)
+    runs = [v for m in range(11) for v in (m, 1)]
+    doc = {"v": 1, "producer": "p", "seq": 0, "minute": 10, "amount_cents": [1] * 11,
+           "brand": [0] * 11, "country": [0] * 11, "platform": [0] * 11, "minute_runs": runs}
+    assert "11 minute runs > 10" in rejected(orjson.dumps(doc), "oversized", ten)
+    assert "2000000 minute runs" in rejected(binary_runs(run_count=2_000_000), "oversized")
+    assert "1099511627776 minute runs" in rejected(binary_runs(run_count=2**40), "oversized")
+    assert Limits(n_brands=1, n_minutes=200_000, n_countries=1, n_platforms=1).max_runs \
+        == 100_000
+    with pytest.raises(ValueError, match="max_minute_runs=0"):
+        Limits(n_brands=1, n_minutes=1, n_countries=1, n_platforms=1, max_minute_runs=0)
+
+
+@pytest.mark.parametrize("payload, reason, detail", [
+    (binary_runs(((14400, 0), (14401, 3))), "bad_minutes", "at least 1"),
+    (binary_runs(((14400, 2), (14401, 2))), "bad_minutes", "add up"),
+    (binary_runs(((14401, 2), (14401, 1))), "bad_minutes", "strictly increase"),
+    (binary_runs(((14400, 2), (14401, 1)), minute=14400), "bad_minutes", "last run's"),
+    (binary_runs((), amounts=(1,), brands=(1,), countries=(0,), platforms=(0,)),
+     "bad_minutes", "at least one"),
+    (binary_runs(((14400, 2), (15840, 1)), minute=15840), "out_of_range", "minute=15840"),
+    (binary_runs(((14400, 2), (2**32 - 1, 1)), minute=14401), "out_of_range", "a run's"),
+    (binary_runs(run_count=3), "bad_length", "3 orders and 3 minute runs need 106"),
+    (binary_runs(run_count=1), "bad_length", "need 90"),
+    (binary_runs(cut=1), "bad_length", "97 bytes"),
+    (binary_runs()[:28], "truncated", "the run count ends at 32"),
+])
+def test_binary_minute_runs_that_do_not_describe_the_batch_are_rejected(payload, reason,
+                                                                         detail):
+    """The binary runs obey the JSON rules; a run count that does not match the payload's
+    length is bad_length, and a payload ending inside the run count is truncated."""
+    assert detail in rejected(payload, reason)
+
+
+def test_every_minute_run_reason_is_in_the_docs():
+    """The rejection table names bad_minutes, and the doc's run examples are the bytes and
+    JSON tested here."""
+    text = DOC.read_text()
+    assert "| `bad_minutes` |" in text and "minute_runs" in text
+    assert JSON_RUNS.decode() in text
+    dumps = [bytes.fromhex("".join(line.split("#")[0] for line in block.splitlines()))
+             for block in re.findall(r"^```hex\n(.*?)^```", text, re.S | re.M)]
+    assert binary_runs() in dumps
+
+
 # --- fuzzing: decode returns a valid batch or raises BatchError, nothing else ------------
 
 FUZZ = settings(max_examples=400, deadline=None, database=None,
@@ -600,6 +755,12 @@ VALID_BINARY = binary(b"fuzz-producer", amounts=(1, 1000, 77), brands=(0, 4, 2),
                       countries=(0, 1, 1), platforms=(2, 0, 1), seq=3, minute=9)
 VALID_JSON = (b'{"v":1,"producer":"fuzz-producer","seq":3,"minute":9,'
               b'"amount_cents":[1,1000,77],"brand":[0,4,2],"country":[0,1,1],"platform":[2,0,1]}')
+
+
+VALID_RUNS_BINARY = binary_runs(((2, 1), (9, 2)), amounts=(1, 1000, 77), brands=(0, 4, 2),
+                                countries=(0, 1, 1), platforms=(2, 0, 1), minute=9)
+VALID_RUNS_JSON = (b'{"v":1,"producer":"fuzz-producer","seq":3,"minute":9,"minute_runs":[2,1,9,2],'
+                   b'"amount_cents":[1,1000,77],"brand":[0,4,2],"country":[0,1,1],"platform":[2,0,1]}')
 
 
 def check_decode(payload: bytes, limits: Limits) -> OrderBatch | None:
@@ -620,6 +781,9 @@ def check_decode(payload: bytes, limits: Limits) -> OrderBatch | None:
     assert 0 <= batch.country.min() and batch.country.max() < limits.n_countries
     assert 0 <= batch.platform.min() and batch.platform.max() < limits.n_platforms
     assert batch.gmv_cents == sum(batch.amount_cents.tolist())
+    minutes = batch.order_minutes()
+    assert minutes.dtype == np.int64 and len(minutes) == n and minutes[-1] == batch.minute
+    assert 0 <= minutes[0] and (np.diff(minutes) >= 0).all()
     return batch
 
 
@@ -646,7 +810,7 @@ def mutate(data: st.DataObject, payload: bytes) -> bytes:
 
 def test_fuzz_inputs_are_valid_to_begin_with():
     """The fuzzers' seed payloads decode, so mutations start from a valid batch."""
-    for payload in (VALID_BINARY, VALID_JSON):
+    for payload in (VALID_BINARY, VALID_JSON, VALID_RUNS_BINARY, VALID_RUNS_JSON):
         for limits in (LIMITS, TINY):
             assert check_decode(payload, limits) is not None
 
@@ -683,6 +847,14 @@ def test_fuzz_structured_binary_header(producer, n, seq, minute, flags, body, li
 def test_fuzz_mutated_binary_batch(data, limits):
     """Byte flips, truncations and insertions of a valid binary batch decode or raise BatchError."""
     check_decode(mutate(data, VALID_BINARY), limits)
+
+
+@FUZZ
+@given(data=st.data(), limits=limits_strategy, json_encoding=st.booleans())
+def test_fuzz_mutated_batch_with_minute_runs(data, limits, json_encoding):
+    """Byte flips, truncations and insertions of a valid batch with minute runs decode (each
+    order's minute in the window, non-decreasing, the last the batch's) or raise BatchError."""
+    check_decode(mutate(data, VALID_RUNS_JSON if json_encoding else VALID_RUNS_BINARY), limits)
 
 
 @FUZZ

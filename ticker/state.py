@@ -305,9 +305,13 @@ class AggregateState:
         line = self.big_brand_cents
         before = self.gmv_by_brand[batch.brand]
         np.add.at(self.gmv_by_brand, batch.brand, amount)
-        crossed = (before < line) & (self.gmv_by_brand[batch.brand] >= line)
-        if crossed.any():
-            self._note_crossings(batch, before, np.unique(batch.brand[crossed]))
+        # Only a brand below the line by less than the whole batch can cross it in this
+        # batch: most batches of small orders need no second look.
+        near = (before < line) & (before >= line - batch_gmv)
+        if near.any():
+            crossed = near & (self.gmv_by_brand[batch.brand] >= line)
+            if crossed.any():
+                self._note_crossings(batch, before, np.unique(batch.brand[crossed]))
         np.add.at(self.orders_by_brand, batch.brand, 1)
         np.add.at(self.gmv_by_country, batch.country, amount)
         np.add.at(self.gmv_by_platform, batch.platform, amount)
