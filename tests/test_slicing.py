@@ -378,3 +378,46 @@ async def test_loop_plays_the_chosen_range_again_not_the_whole_festival(mosquitt
     assert len(said) >= 2 and all(line.startswith(f"pass {n} verdict: exact: published "
                                                   f"{int(S2019.minute_orders[:722].sum()):,}")
                                   for n, line in zip((1, 2), said))
+
+
+# --- the command line: --from .. --to ---------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--to", "11-12 00:00"], "--to: '11-12 00:00' is outside the window"),
+    (["--to", "noon"], "--to: 'noon': expected MM-DD HH:MM"),
+    (["--from", "11-11 12:00", "--to", "11-11 11:59"],
+     "--to: '11-11 11:59' is before --from '11-11 12:00'"),
+])
+def test_bad_to_names_the_option_in_one_line(argv, message, capsys):
+    """`--to` outside the window, malformed or before `--from` exits 2 with one line naming
+    --to, before any broker is tried."""
+    from ticker.cli import main
+    assert main(["simulate", "--broker", "mqtt://127.0.0.1:1", "--scenario", "2019",
+                 *argv]) == 2
+    err = capsys.readouterr().err
+    assert err == f"gmv: error: {message}\n" or (err.startswith(f"gmv: error: {message}")
+                                                 and err.count("\n") == 1)
+
+
+def test_simulate_from_to_publishes_up_to_the_last_minute_exactly(mosquitto, topics):
+    """`gmv simulate --from "11-11 12:00" --to "11-11 12:09"` publishes everything before
+    12:10 (the minutes before 12:00 in bulk) and stops: exact verdict, 730 minutes."""
+    import os
+    import subprocess
+    import sys
+
+    import orjson
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+                                   "--scenario", "2019", "--no-checkpoint"])
+    try:
+        out = subprocess.run([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+                              "--scenario", "2019", "--order-scale", "0.0001", "--speed", "max",
+                              "--from", "11-11 12:00", "--to", "11-11 12:09", "--json"],
+                             capture_output=True, text=True, timeout=60, env=dict(os.environ))
+    finally:
+        aggregator.terminate()
+        aggregator.wait(10)
+    report = orjson.loads(out.stdout)
+    assert report["gmv_cents"] == cumulative(S2019, 730) and report["minutes"] == 730
+    assert report["verdict"]["exact"] and report["batches"] < 730 // 10

@@ -134,6 +134,12 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
         from_minute = minute_of(args.from_, window) if args.from_ else 0
     except ControlError as exc:
         raise ConfigError(f"--from: {exc}") from None
+    try:
+        last_minute = minute_of(args.to, window) if args.to else window.minutes - 1
+    except ControlError as exc:
+        raise ConfigError(f"--to: {exc}") from None
+    if last_minute < from_minute:
+        raise ConfigError(f"--to: {args.to!r} is before --from {args.from_!r}")
     token = args.control_token
     if standalone and token is None:
         token = secrets.token_urlsafe(12)  # the operator view needs one; printed below
@@ -155,7 +161,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
             flow = await stack.enter_async_context(
                 FlowControl(broker, topics, producer, window=args.window, say=_say))
             replay = Replay(publisher, source, topics, producer=producer, speed=args.speed,
-                            from_minute=from_minute, loop=args.loop,
+                            from_minute=from_minute, last_minute=last_minute, loop=args.loop,
                             binary=args.encoding == "binary", control_token=token, flow=flow,
                             say=_say)
             if standalone:  # the aggregator (in memory: the replay starts from zero) and screen

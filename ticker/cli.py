@@ -114,7 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
                             f"in {app.DEMO_MINUTES} minutes (default {default_speed})")
         p.add_argument("--from", dest="from_", metavar="'MM-DD HH:MM'",
                        help="start there (everything before is published at once)")
-        p.add_argument("--loop", action="store_true", help="start again at the end")
+        p.add_argument("--to", metavar="'MM-DD HH:MM'",
+                       help="the last minute to play (default: the window's last)")
+        p.add_argument("--loop", action="store_true",
+                       help="at the end, start again at --from (the totals reset)")
         p.add_argument("--seed", type=_natural, default=2020)
         p.add_argument("--order-scale", type=_positive(float, 1.0), default=0.001,
                        help="fraction of the real order count (default 0.001)")
