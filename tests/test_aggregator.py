@@ -286,3 +286,31 @@ async def test_a_checkpoint_path_that_cannot_work_fails_before_the_broker_sessio
     assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1
     assert wrong.stderr.startswith(f"gmv: error: --checkpoint={missing}: ")
     assert totals["gmv_cents"] == 5 * 350
+
+
+async def test_gmv_aggregate_takes_the_big_brand_line_and_reports_the_screen_figures(
+        mosquitto, topics):
+    """`gmv aggregate --big-brand-cents` sets the line; its totals carry the count of brands
+    above it, when each crossed, its top brands, orders per minute and the curve buckets, and
+    they pass the server's schema."""
+    from ticker.feed import parse_totals
+
+    args = GMV + ["aggregate", "--broker", mosquitto.url, "--prefix", topics.prefix,
+                  "--no-checkpoint", "--big-brand-cents", "300"]
+    proc = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    try:
+        await totals_of(mosquitto, topics, lambda t: True)
+        async with ReliablePublisher(mosquitto) as publisher:
+            for seq in range(3):  # brand 1 gets 250 a batch: over 300 in the second
+                await publisher.send(topics.orders("shop"), encode(batch("shop", seq)))
+            await publisher.flush()
+        totals = await totals_of(mosquitto, topics, lambda t: t["batches"] == 3)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert totals["big_brand_cents"] == 300 and totals["brands_big"] == 2
+    assert totals["big_brand_minutes"] == [14400, 14400]
+    assert totals["top_brands"] == [[1, 750], [0, 300]]
+    assert totals["recent_orders"][-1] == 6 and len(totals["recent_orders"]) == 1440
+    assert totals["curve_bucket_minutes"] == 60 and totals["curve_cents"][-1] == 1050
+    parse_totals("0", totals)

@@ -722,3 +722,23 @@ async def test_a_real_gmv_serve_beats_every_second_and_drops_a_stale_replay_stat
     cleared = [t for t, r in replays if r is None and t > last_status]
     assert shown and cleared and 4.5 < cleared[0] - shown[0] < 6.5
     assert b"Traceback" not in log.read_bytes()
+
+
+async def test_only_valid_live_totals_of_an_expected_shard_make_the_heartbeat_fresh():
+    """A live message on the totals topics that does not fit its schema, or comes from a
+    shard that is not expected, says nothing about the aggregators: upstream_age_ms stays
+    null until real totals come."""
+    async with serving() as (server, port):
+        server.receive_message("gmv/v1/totals/0", b'{"gmv_cents": "lots"}', False)
+        server.receive_message("gmv/v1/totals/7", orjson.dumps(full_totals("7")), False)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            await ws.recv()
+            async with asyncio.timeout(3):
+                while (beat := orjson.loads(await ws.recv()))["type"] != "heartbeat":
+                    pass
+            assert beat["upstream_age_ms"] is None
+            server.receive_message("gmv/v1/totals/0", orjson.dumps(full_totals()), False)
+            async with asyncio.timeout(3):
+                while (beat := orjson.loads(await ws.recv()))["type"] != "heartbeat":
+                    pass
+    assert beat["upstream_age_ms"] is not None and beat["upstream_age_ms"] < 1100

@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="aggregator shards 0..N-1 to merge; totals from any other shard id "
                           "are ignored and flagged (default 1)")
     scenario(srv, "to compare with the year before")
+    srv.add_argument("--seed", type=_natural, default=2020,
+                     help="the simulator's seed: which country each brand shown is from "
+                          "(the names are simulated, e.g. 'US brand 00042')")
     serving(srv)
     control(srv)
     return parser
