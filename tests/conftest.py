@@ -100,11 +100,13 @@ class Pipeline:
 
 @contextlib.asynccontextmanager
 async def running_pipeline(broker: BrokerSettings, topics: Topics, *,
-                           control_token: str | None = None) -> AsyncIterator[Pipeline]:
-    """Aggregator and ticker server (port 0) running in this event loop against `broker`."""
+                           control_token: str | None = None,
+                           server_options: dict | None = None) -> AsyncIterator[Pipeline]:
+    """Aggregator and ticker server (port 0) running in this event loop against `broker`;
+    `server_options` go to the TickerServer (comparison, brand names, currency)."""
     aggregator = Aggregator(broker, topics, festival_limits(), FESTIVAL_2020,
                             totals_interval=0.05, control_token=control_token)
-    server = TickerServer(push_hz=20)
+    server = TickerServer(push_hz=20, **(server_options or {}))
     watch_ready = asyncio.Event()
     tasks = [
         asyncio.create_task(aggregator.run()),

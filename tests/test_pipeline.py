@@ -88,3 +88,39 @@ async def test_bad_batch_is_rejected_counted_and_dead_lettered(mosquitto, topics
     assert "amounts must be 1.." in letter["detail"]
     assert pipeline.state.rejected == {"bad_amount": 1}
     assert shown["gmv_cents"] == 0 and shown["orders"] == 0
+
+
+async def test_a_max_speed_replay_shows_each_milestone_on_the_curves_exact_minute(mosquitto,
+                                                                                 topics):
+    """A full-speed replay through the real broker, aggregator and server, with totals
+    hundreds of minutes apart on the websocket: every milestone is on the minute where the
+    scenario's own cumulative curve reaches it, 2019's total passed at Nov 11 01:08 (at max
+    speed the page used to say 06:11)."""
+    import numpy as np
+
+    from ticker.app import screen_data
+
+    minutes_seen: list[int] = []
+
+    def done(view: dict) -> bool:
+        if view.get("minute") is not None and view["minute"] not in minutes_seen[-1:]:
+            minutes_seen.append(view["minute"])
+        return view["gmv_cents"] == SCENARIO.gmv_cents and view["minute"] == 15839
+
+    async with running_pipeline(mosquitto, topics,
+                                server_options=screen_data(2020, SCENARIO)) as pipeline:
+        watcher = asyncio.create_task(watch_until(pipeline.port, done))
+        async with ReliablePublisher(mosquitto) as publisher:
+            await publish_scenario(publisher, SCENARIO, topics, producer="milestones",
+                                   speed=None)
+        shown = await watcher
+    cumulative = np.cumsum(SCENARIO.minute_gmv_cents)
+    milestones = {m["key"]: m for m in shown["milestones"]}
+    reached = [t for t in pipeline.server.feed.thresholds if t.value <= cumulative[-1]]
+    assert len(reached) == 10 and {t.key for t in reached} <= set(milestones)
+    for t in reached:
+        assert milestones[t.key]["minute"] == int(np.searchsorted(cumulative, t.value)), t.key
+        assert milestones[t.key]["exact"]
+    assert milestones["passed"]["at"] == shown["compare"]["passed_at"] \
+        == "2020-11-11T01:08:00+08:00"
+    assert max(np.diff(minutes_seen)) > 100  # the totals really were far apart
