@@ -7,8 +7,9 @@ to the others. A viewer whose socket buffer is full is skipped: it gets the newe
 a snapshot once it drains, so a slow viewer never grows a queue or slows the others. Every
 second, whether or not the view changed, every viewer gets one shared `heartbeat` saying how
 long ago the server last heard live totals from an expected shard, so a page can tell
-"connected but stale" from "live": only those totals make it fresh, so a replay status that still changes cannot keep a page
-"LIVE" while the aggregators are dead. A replay status expires 5 s after the last one.
+"connected but stale" from "live": only those totals make it fresh, so a replay status that
+still changes cannot keep a page "LIVE" while the aggregators are dead. A replay status
+expires 5 s after the last one.
 (docs/performance.md: 5,000 viewers at 10 Hz; the per-viewer-task design took 3x the CPU.)
 
 Nothing a publisher or a client sends can raise out of here: MQTT messages are checked by the
