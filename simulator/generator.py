@@ -12,9 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from .catalog import Catalog
-from .curve import allocate
+from .curve import allocate_checked
 
 PLATFORM_MIX = np.array([0.90, 0.06, 0.04])  # Tmall/Taobao, AliExpress, Lazada
+# What `Generator.choice(3, size=n, p=PLATFORM_MIX)` draws from, computed as it does: the
+# normalised cumulative mix, into which it sorts n uniforms. Doing that here draws the same
+# platforms without choice's checks of p on every call (a third of a small minute's time).
+_PLATFORM_CDF = PLATFORM_MIX.cumsum()
+_PLATFORM_CDF /= _PLATFORM_CDF[-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,8 +42,8 @@ def generate_minute(catalog: Catalog, gmv_cents: int, n_orders: int, rng: np.ran
     if not 0 < n_orders <= gmv_cents:
         raise ValueError(f"n_orders={n_orders}: must be 1..gmv_cents ({gmv_cents})")
     debuts = np.empty(0, np.uint32) if debuts is None else debuts[:n_orders]
-    weights = rng.lognormal(0.0, 0.9, n_orders)
-    amount = allocate(gmv_cents - n_orders, weights) + 1
+    weights = rng.lognormal(0.0, 0.9, n_orders)  # finite and positive: valid weights
+    amount = allocate_checked(gmv_cents - n_orders, weights) + 1
     brand = np.concatenate([debuts, catalog.sample_brands(rng, n_orders - len(debuts))])
-    platform = rng.choice(len(PLATFORM_MIX), size=n_orders, p=PLATFORM_MIX).astype(np.uint8)
+    platform = _PLATFORM_CDF.searchsorted(rng.random(n_orders), side="right").astype(np.uint8)
     return MinuteOrders(amount, brand, catalog.country[brand], platform)

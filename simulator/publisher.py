@@ -56,7 +56,8 @@ class Source(Protocol):
         """The minute's batches and counts (producer and seq are filled in when published)."""
 
     def slices(self, minute: int, k: int) -> list[list[Message]]:
-        """The same messages cut into slices of the minute, slice j due at minute + j / len."""
+        """The same messages cut into `k` slices of the minute (slice j goes out when the
+        clock reaches minute + (j + 1) / k); one slice is `messages(minute)`."""
 
 
 @dataclass
@@ -80,8 +81,8 @@ class ScenarioSource:
         shape (exact: consecutive ranges of the same orders), each in batches of at most
         `batch_orders`; the minute's chatbot count goes with the last slice."""
         orders = self.scenario.orders(minute)
-        bounds = slice_bounds(self.scenario.second_orders(minute), k) if len(orders) \
-            else [0] * (k + 1)
+        bounds = slice_bounds(self.scenario.second_orders(minute), k) if len(orders) and k > 1 \
+            else [0] * k + [len(orders)]  # one slice: no need for the per-second shape
         assert bounds[-1] == len(orders), "the per-second shape must hold the minute's orders"
         out: list[list[Message]] = [[
             OrderBatch("", 0, minute, part.amount_cents, part.brand, part.country, part.platform)
