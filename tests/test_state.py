@@ -532,3 +532,14 @@ def test_minute_runs_split_one_batch_over_its_minutes():
     assert state.orders_by_minute.tolist() == [0, 2, 0, 0, 1, 0, 0, 0, 0, 0]
     assert state.latest_minute == 4 and state.snapshot()["gmv_minute_cents"] == 3
     assert state.gmv_by_brand.tolist() == [100, 20, 3, 0, 0]
+
+
+def test_a_bulk_batch_of_minute_runs_puts_each_crossing_on_its_orders_minute():
+    """A catch-up's bulk batch (minute runs, through the wire codec) crosses the line for each
+    brand at the minute of the order that takes it over, not at the batch's latest minute."""
+    runs = np.array([[2, 2], [5, 2], [9, 1]])
+    bulk = dataclasses.replace(batch(0, 9, [60, 50, 50, 49, 1], [1, 2, 1, 2, 2]),
+                               minute_runs=runs)
+    state = AggregateState(BIG, big_brand_cents=100)
+    assert state.apply(decode(encode(bulk), BIG))
+    assert state.snapshot()["big_brand_minutes"] == [5, 9]  # brand 1 at minute 5, 2 at 9
