@@ -231,7 +231,7 @@ function percent(part, total) {
 const MIN_RUN_MS = 60;
 const MAX_RUN_MS = 1500;
 const counter = { target: null, shown: null, from: 0, start: 0, run: 0, raf: 0,
-  lastAt: 0, interval: 250 };
+  lastAt: 0, interval: 250, paintedAt: 0 };
 
 function setTotal(cents, direct) {
   const now = performance.now();
@@ -255,8 +255,17 @@ function setTotal(cents, direct) {
   if (!counter.raf) counter.raf = requestAnimationFrame(stepCounter);
 }
 
+// At most 30 paints a second: each repaints the figure's tiles in software on a TV's browser
+// (benchmarks/page_soak.py), and at 30 the cents still blur as a broadcast counter's do.
+const PAINT_EVERY_MS = 1000 / 30 - 4;
+
 function stepCounter(now) {
   counter.raf = 0;
+  if (now - counter.paintedAt < PAINT_EVERY_MS && now - counter.start < counter.run) {
+    counter.raf = requestAnimationFrame(stepCounter);
+    return;
+  }
+  counter.paintedAt = now;
   const t = (now - counter.start) / counter.run;
   // Land exactly on the target; in between, whole cents below it.
   const shown = t >= 1 ? counter.target
@@ -284,12 +293,16 @@ const gmvCur = gmvNode.querySelector('.cur');
 const gmvInt = gmvNode.querySelector('.int');
 const gmvDec = gmvNode.querySelector('.dec');
 
-// Paint one displayed value everywhere the total appears.
+// Paint one displayed value everywhere the total appears. The big figure is one span per
+// group of three digits, so a frame repaints only the groups that changed (mostly the last
+// ones), not the whole 1,300-pixel-wide number.
 function showTotal(cents) {
   counter.shown = cents;
   const p = moneyParts(cents);
   setText(gmvCur, money.sym);
-  setText(gmvInt, p.int);
+  const groups = p.int.split(/(?=,)/); // "74,100,000" -> ["74", ",100", ",000"]
+  if (gmvInt.childElementCount !== groups.length) gmvInt.replaceChildren();
+  syncRows(gmvInt, groups.length, () => el('span', 'grp')).forEach((g, i) => setText(g, groups[i]));
   setText(gmvDec, `.${p.dec}`);
   gmvNode.dataset.shown = String(cents);
   const now = $('race-now');
@@ -608,9 +621,30 @@ function showBanner(m) {
 // curve, last year's curve or the currency changes.
 const SVG_W = 1000;
 const SVG_H = 400;
+const CHART_EVERY_MS = 1000; // the latest bucket grows with every update: redraw once a second
 let chartKey = '';
+let chartAt = -Infinity;
+let chartTimer = 0;
 
 function renderChart(curve, cmp, win, force) {
+  const wait = chartAt + CHART_EVERY_MS - performance.now();
+  if (wait > 0 && !force) {
+    // Drawn again a second after the last time, with whatever the view holds then.
+    if (!chartTimer) {
+      chartTimer = setTimeout(() => {
+        chartTimer = 0;
+        const s = state;
+        drawChart(isPlainObject(s.curve) ? s.curve : null,
+          isPlainObject(s.compare) ? s.compare : null,
+          isPlainObject(s.window) ? s.window : {}, false);
+      }, wait);
+    }
+    return;
+  }
+  drawChart(curve, cmp, win, force);
+}
+
+function drawChart(curve, cmp, win, force) {
   const now = curve && Array.isArray(curve.cents) ? curve.cents.filter(isInt) : [];
   const then = cmp && Array.isArray(cmp.curve_cents) ? cmp.curve_cents.filter(isInt) : [];
   const bucket = curve && isInt(curve.bucket_minutes) && curve.bucket_minutes > 0
@@ -620,6 +654,7 @@ function renderChart(curve, cmp, win, force) {
     `${then[then.length - 1]}`;
   if (key === chartKey && !force) return;
   chartKey = key;
+  chartAt = performance.now();
   const chart = $('chart');
   chart.dataset.points = String(now.length);
   chart.dataset.empty = String(!bucket || !minutes || (!now.length && !then.length));
