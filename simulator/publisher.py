@@ -267,7 +267,7 @@ class Replay:
             if ahead is not None:
                 ahead.cancel()
         await self._send_all(bulk.flush())
-        self.catching_up = False
+        self.catching_up = self._restart_to is not None  # a seek back goes on seeking
         if self._restart_to is None and self.clock.speed is not None:
             self.clock.seek(self.next_minute, self._now())
         await self._status()
