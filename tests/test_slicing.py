@@ -6,6 +6,7 @@ reaching their target minute exactly within a few seconds."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import numpy as np
@@ -421,3 +422,26 @@ def test_simulate_from_to_publishes_up_to_the_last_minute_exactly(mosquitto, top
     report = orjson.loads(out.stdout)
     assert report["gmv_cents"] == cumulative(S2019, 730) and report["minutes"] == 730
     assert report["verdict"]["exact"] and report["batches"] < 730 // 10
+
+
+def test_a_recordings_minute_is_spread_over_its_slices_in_the_order_recorded(tmp_path):
+    """A recording keeps no time within a minute: its 3 batches and count of minute 5 go
+    one to a slice in 4 slices, two to a slice in 2, all in one slice at 1, in order."""
+    from simulator.recording import CHATBOT, ORDERS, RecordingSource, RecordingWriter
+    from ticker.dimensions import FESTIVAL_2020
+    from ticker.wire import encode, encode_chatbot
+    path = tmp_path / "minute5.gmvrec"
+    with path.open("wb") as file:
+        writer = RecordingWriter(file, FESTIVAL_2020, 250_000)
+        for seq, amount in enumerate((10, 20, 30)):
+            batch = dataclasses.replace(plain(5, [amount]), producer="rec", seq=seq)
+            assert writer.write(ORDERS, encode(batch))
+        assert writer.write(CHATBOT, encode_chatbot(ChatbotCount("rec", 3, 5, 7)))
+    source = RecordingSource(path)
+
+    def shape(k: int) -> list[list[object]]:
+        return [[m.queries if isinstance(m, ChatbotCount) else int(m.amount_cents[0])
+                 for m in part] for part in source.slices(5, k)]
+    assert shape(4) == [[10], [20], [30], [7]]
+    assert shape(2) == [[10, 20], [30, 7]]
+    assert shape(1) == [[10, 20, 30, 7]] and source.slices(6, 3) == [[], [], []]
