@@ -241,7 +241,7 @@ async def test_at_real_time_the_totals_move_several_times_a_second_and_never_bac
 
 async def test_slices_go_out_on_the_absolute_schedule_at_their_end(mosquitto, topics):
     """At speed 60 (a minute a second, 4 slices), minutes 0-2 arrive as 12 batches at 0.25,
-    0.5, ... 3.0 s (each when the clock reaches its end, within 0.12 s), each of one minute,
+    0.5, ... 3.0 s (each when the clock reaches its end, within 0.2 s), each of one minute,
     holding that minute's orders in sequence."""
     arrivals: list[tuple[float, OrderBatch]] = []
     ready = asyncio.Event()
@@ -267,8 +267,8 @@ async def test_slices_go_out_on_the_absolute_schedule_at_their_end(mosquitto, to
     assert [b.minute for _, b in arrivals] == [0] * 4 + [1] * 4 + [2] * 4
     assert all(b.minute_runs is None for _, b in arrivals)
     for i, (at, _) in enumerate(arrivals):
-        assert abs(at - 0.25 * (i + 1)) < 0.12, (i, at)
-    assert abs(ended - 3.0) < 0.2
+        assert abs(at - 0.25 * (i + 1)) < 0.2, (i, at)  # at its start would be 0.25 early
+    assert abs(ended - 3.0) < 0.25
     for minute in range(3):
         sizes = [len(b) for _, b in arrivals if b.minute == minute]
         assert sizes == np.diff(slice_bounds(S2020.second_orders(minute), 4)).tolist()
