@@ -589,6 +589,7 @@ function renderMilestones(all, direct) {
     li.append(el('span', 'ms-label'), el('span', 'ms-elapsed'), el('span', 'ms-at'));
     return li;
   });
+  const changed = shown.some((m, i) => rows[i].dataset.key !== m.key);
   shown.forEach((m, i) => {
     const p = milestoneParts(m);
     rows[i].dataset.key = m.key;
@@ -597,7 +598,20 @@ function renderMilestones(all, direct) {
     setText(rows[i].children[1], p.elapsed);
     setText(rows[i].children[2], p.at);
   });
+  if (changed) fitMilestones();
 }
+
+// Only whole rows: the oldest that do not fit the panel are hidden (a layout read, done only
+// when the list or the window changes).
+function fitMilestones() {
+  const list = $('milestones');
+  const rows = [...list.children];
+  rows.forEach((row) => { row.hidden = false; });
+  const bottom = list.getBoundingClientRect().bottom;
+  if (getComputedStyle(list).overflow !== 'hidden') return;
+  rows.forEach((row) => { row.hidden = row.getBoundingClientRect().bottom > bottom + 1; });
+}
+addEventListener('resize', fitMilestones);
 
 function showBanner(m) {
   const banner = $('banner');
