@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import os
 import statistics
@@ -271,7 +272,9 @@ async def run(args: argparse.Namespace) -> dict:
                 proc.terminate()
             for proc in procs:
                 proc.wait(10)
-    return {"benchmark": "page_soak", "machine": machine_info(),
+    page_files = {name: hashlib.sha256((ROOT / "web" / name).read_bytes()).hexdigest()[:12]
+                  for name in ("index.html", "app.js", "style.css")}
+    return {"benchmark": "page_soak", "machine": machine_info(), "page": page_files,
             "command": " ".join(["benchmarks/page_soak.py", *sys.argv[1:]]),
             "batches": len(batches), "gmv_cents": gmv, "shown_at_end": int(shown or 0),
             "server_at_end": {"gmv_cents": view["gmv_cents"], "stats": view["stats"]},
