@@ -184,6 +184,53 @@ async def test_counter_moves_several_times_a_second_never_backwards_one_value_ev
     assert changes >= 16, f"{changes} changes in 4 s of samples"
 
 
+async def test_at_real_time_the_counter_runs_between_the_replays_slices(page):
+    """`gmv demo --speed 1 --from "11-11 00:00"`: at real time the counter sampled every
+    100 ms moves at least 4 times a second and never decreases (before, it sat still for 60 s
+    and jumped a minute's worth at each minute boundary)."""
+    with demo_process("--speed", "1", "--from", "11-11 00:00", "--order-scale", "0.0001") \
+            as (url, _):
+        await page.goto(url)
+        replay = page.locator("#replay")
+        await expect(replay).to_have_attribute("data-state", "playing", timeout=30_000)
+        await expect(replay).to_have_text(re.compile(r"▶\s*1×"))
+        await expect(page.locator("#clock")).to_contain_text("Nov 11 · 00:0")
+        await page.evaluate(SAMPLER)
+        await asyncio.sleep(4.2)
+        samples = await page.evaluate("clearInterval(window.sampler), window.samples")
+        received = int(await page.locator("#gmv").get_attribute("data-cents"))
+    values = [cents_of(text) for _, text, _ in samples]
+    assert all(b >= a for a, b in zip(values, values[1:])), "the counter went backwards"
+    assert values[-1] <= received
+    changes = sum(1 for a, b in zip(values, values[1:]) if b != a)
+    assert changes >= 16, f"{changes} changes in {len(values)} samples over 4 s"
+
+
+async def test_the_replay_badge_tells_playing_paused_seeking_and_done(mosquitto, topics, page):
+    """The REPLAY badge reads what the replay says: "▶ 1584×", "▶ max", "❚❚ paused",
+    "⏩ seeking", "■ done", and is hidden when there is no replay status."""
+    async with parts(mosquitto, topics) as (url, _):
+        async with ReliablePublisher(mosquitto) as publisher:
+            await publisher.send(topics.orders("p"), encode(batch("p", 0, 100, [99_00])))
+            await page.goto(url)
+            replay = page.locator("#replay")
+            await expect(page.locator("#status")).to_have_attribute("data-state", "live",
+                                                                    timeout=10_000)
+            await expect(replay).to_be_hidden()
+            for state, speed, text in [("playing", 1584, r"▶\s*1584×"),
+                                       ("playing", None, r"▶\s*max"),
+                                       ("paused", 1584, r"❚❚\s*paused"),
+                                       ("seeking", 1584, r"seeking"),
+                                       ("done", 1584, r"■\s*done")]:
+                await publisher.send(topics.replay, orjson.dumps(
+                    {"v": 1, "state": state, "speed": speed, "minute": 100,
+                     "scenario": "2020", "loop": False}))
+                await expect(replay).to_have_attribute("data-state", state)
+                await expect(replay).to_have_text(re.compile(text))
+            await publisher.send(topics.replay, b"")
+            await expect(replay).to_be_hidden(timeout=7_000)
+
+
 async def test_a_drop_is_shown_at_once_never_counted_down(mosquitto, topics, page):
     """When the total falls (an aggregator starting over, a reset, a seek back) the counter
     goes straight to the new total: no figure in between, no counting backwards."""
