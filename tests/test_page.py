@@ -299,6 +299,39 @@ async def test_live_turns_stale_within_6_s_when_the_aggregator_stops_while_a_rep
             await expect(replay).to_be_hidden(timeout=5_000)
 
 
+async def test_a_quiet_shard_turns_live_into_partial(mosquitto, topics, page):
+    """With two aggregator shards expected, LIVE while both report; when shard 1 stops while
+    shard 0 goes on, the badge reads "Partial · shard 1 quiet" (part of the total is not
+    moving), whatever the other shard's fresh totals say."""
+    shards = [Aggregator(mosquitto, topics, festival_limits(), FESTIVAL_2020, shard=name,
+                         totals_interval=0.05) for name in ("0", "1")]
+    server = TickerServer(push_hz=20, expected_shards=2)
+    ready = asyncio.Event()
+    agg_tasks = [asyncio.create_task(a.run()) for a in shards]
+    tasks = [*agg_tasks, asyncio.create_task(watch_totals(mosquitto, topics,
+                                                          server.receive_message, ready=ready)),
+             asyncio.create_task(server.run_pusher())]
+    ws_server = await server.serve("127.0.0.1", 0)
+    try:
+        async with asyncio.timeout(10):
+            for a in shards:
+                await a.ready.wait()
+            await ready.wait()
+        await page.goto(f"http://127.0.0.1:{ws_server.sockets[0].getsockname()[1]}/")
+        badge = page.locator("#status")
+        await expect(badge).to_have_attribute("data-state", "live", timeout=10_000)
+        agg_tasks[1].cancel()
+        await asyncio.gather(agg_tasks[1], return_exceptions=True)
+        await expect(badge).to_have_attribute("data-state", "partial", timeout=10_000)
+        await expect(badge).to_have_text(re.compile(r"Partial · shard 1 quiet", re.I))
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        ws_server.close()
+        await ws_server.wait_closed()
+
+
 async def test_a_reload_paints_the_exact_total_first_never_0(finished_demo, page):
     """From the very first paint after a reload, the counter shows only the exact total:
     never $0.00 and no count-up."""

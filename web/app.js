@@ -382,6 +382,7 @@ function render(direct) {
   renderPlatforms(Array.isArray(s.platforms) ? s.platforms : []);
   renderCountries(Array.isArray(s.countries) ? s.countries : []);
   renderStats(isPlainObject(s.stats) ? s.stats : {});
+  checkFreshness(); // a shard that went quiet or came back shows at once
 }
 
 function renderClock(simTime, minute, win) {
@@ -736,16 +737,28 @@ function checkFreshness() {
     return;
   }
   const age = upstream.ageMs === null ? null : upstream.ageMs + performance.now() - upstream.at;
-  setStatus(age !== null && age <= STALE_AFTER_MS ? 'live' : 'stale', age);
+  if (age === null || age > STALE_AFTER_MS) {
+    setStatus('stale', age);
+    return;
+  }
+  // Fresh totals, but from only some of the shards: part of the total is not moving.
+  const st = state !== null && isPlainObject(state.stats) ? state.stats : {};
+  const quiet = Array.isArray(st.shards_quiet) ? st.shards_quiet : [];
+  if (quiet.length) {
+    setStatus('partial', age, quiet.length === 1 ? `shard ${quiet[0]} quiet`
+      : `${quiet.length}${isInt(st.shards_expected) ? ` of ${st.shards_expected}` : ''} shards quiet`);
+    return;
+  }
+  setStatus('live', age);
 }
 setInterval(checkFreshness, 1000);
 
-function setStatus(s, ageMs) {
+function setStatus(s, ageMs, detail = '') {
   const status = $('status');
   status.dataset.state = s;
   status.dataset.ageMs = typeof ageMs === 'number' ? String(Math.round(ageMs)) : '';
   document.body.dataset.conn = s; // lets CSS dim figures while they may be stale
-  const label = s === 'live' ? 'Live' : s === 'stale'
+  const label = s === 'live' ? 'Live' : s === 'partial' ? `Partial · ${detail}` : s === 'stale'
     ? `Stale · ${typeof ageMs === 'number' ? formatAge(ageMs) : 'no data'}`
     : s === 'reconnecting' ? 'Reconnecting…' : 'Connecting…';
   setText($('status-label'), label);
