@@ -431,14 +431,18 @@ async def test_kiosk_hides_the_cursor_the_controls_and_the_engineering_footer(fi
     assert set(cursors) == {"none"}
 
 
-@pytest.mark.parametrize("width,height", [(390, 844), (1366, 768), (1920, 1080), (3840, 2160)])
-async def test_no_sideways_overflow_and_no_cut_text(finished_demo, page, width, height):
-    """At a phone's 390×844, a laptop's 1366×768 and TVs' 1920×1080 and 3840×2160 the page
-    never scrolls sideways, the brand line is not cut ("31,000 overseas" whole), and on the
-    landscape screens everything fits the screen without scrolling."""
+@pytest.mark.parametrize("width,height,query", [
+    (390, 844, ""), (390, 844, "?currency=rmb"), (1366, 768, ""), (1366, 768, "?currency=rmb"),
+    (1920, 1080, "?kiosk=1"), (3840, 2160, "?kiosk=1")])
+async def test_no_sideways_overflow_and_no_cut_text(finished_demo, page, width, height, query):
+    """At a phone's 390×844, a laptop's 1366×768 and TVs' 1920×1080 and 3840×2160, in USD
+    and in RMB (a longer figure), the page never scrolls sideways, the brand line is not cut
+    ("31,000 overseas" whole), and on the landscape screens everything fits the screen
+    without scrolling."""
     await page.set_viewport_size({"width": width, "height": height})
-    await page.goto(finished_demo)
-    await expect(page.locator("#gmv")).to_have_text("$74,100,000,000.00")
+    await page.goto(finished_demo + query)
+    await expect(page.locator("#gmv")).to_have_text(
+        re.compile(r"^¥[\d,]+\.\d\d$" if "rmb" in query else r"^\$74,100,000,000\.00$"))
     await expect(page.locator("#top-brands li")).to_have_count(10)
     sizes = await page.evaluate("""() => ({
       scroll: document.documentElement.scrollWidth, inner: innerWidth,
