@@ -186,8 +186,9 @@ async def test_counter_moves_several_times_a_second_never_backwards_one_value_ev
 
 async def test_at_real_time_the_counter_runs_between_the_replays_slices(page):
     """`gmv demo --speed 1 --from "11-11 00:00"`: at real time the counter sampled every
-    100 ms moves at least 4 times a second and never decreases (before, it sat still for 60 s
-    and jumped a minute's worth at each minute boundary)."""
+    100 ms moves at least 4 times a second, never decreases, and the compact "this year"
+    figure shows the same value sample by sample (before, the counter sat still for 60 s and
+    jumped a minute's worth at each minute boundary)."""
     with demo_process("--speed", "1", "--from", "11-11 00:00", "--order-scale", "0.0001") \
             as (url, _):
         await page.goto(url)
@@ -202,6 +203,7 @@ async def test_at_real_time_the_counter_runs_between_the_replays_slices(page):
     values = [cents_of(text) for _, text, _ in samples]
     assert all(b >= a for a, b in zip(values, values[1:])), "the counter went backwards"
     assert values[-1] <= received
+    assert [(big, small) for _, big, small in samples if compact(cents_of(big)) != small] == []
     changes = sum(1 for a, b in zip(values, values[1:]) if b != a)
     assert changes >= 16, f"{changes} changes in {len(values)} samples over 4 s"
 
