@@ -144,6 +144,7 @@ new MutationObserver(() => {
 
 # ---------- 1. continuous motion, one displayed value ----------
 
+@pytest.mark.slow
 async def test_counter_moves_several_times_a_second_never_backwards_one_value_everywhere(
         mosquitto, topics, page):
     """With totals arriving 5 times a second, the counter sampled every 100 ms changes at
@@ -184,6 +185,7 @@ async def test_counter_moves_several_times_a_second_never_backwards_one_value_ev
     assert changes >= 16, f"{changes} changes in 4 s of samples"
 
 
+@pytest.mark.slow
 async def test_at_real_time_the_counter_runs_between_the_replays_slices(page):
     """`gmv demo --speed 1 --from "11-11 00:00"`: at real time the counter sampled every
     100 ms moves at least 4 times a second, never decreases, and the compact "this year"
@@ -267,6 +269,7 @@ async def test_a_drop_is_shown_at_once_never_counted_down(mosquitto, topics, pag
 
 # ---------- 2. honest state ----------
 
+@pytest.mark.slow
 async def test_live_turns_stale_within_6_s_when_the_aggregator_stops_while_a_replay_plays(
         mosquitto, topics, page):
     """LIVE while the aggregator runs; once it stops, STALE with its age within about 6 s,
@@ -301,6 +304,7 @@ async def test_live_turns_stale_within_6_s_when_the_aggregator_stops_while_a_rep
             await expect(replay).to_be_hidden(timeout=5_000)
 
 
+@pytest.mark.slow
 async def test_a_quiet_shard_turns_live_into_partial(mosquitto, topics, page):
     """With two aggregator shards expected, LIVE while both report; when shard 1 stops while
     shard 0 goes on, the badge reads "Partial · shard 1 quiet" (part of the total is not
@@ -349,6 +353,7 @@ async def test_a_reload_paints_the_exact_total_first_never_0(finished_demo, page
 
 # ---------- 4. the story ----------
 
+@pytest.mark.slow
 async def test_milestone_banners_and_press_elapsed_times_after_a_max_speed_demo(page):
     """During a `--speed max` 2020 demo milestone banners appear ("USD 1B in 2 min 34 s"); at
     the end the list holds every USD, brands and passed milestone with its elapsed time as
