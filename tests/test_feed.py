@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ticker.dimensions import FESTIVAL_2020
-from ticker.feed import Feed, MessageError, UnknownShard, merge_shards, parse_replay, \
-    parse_totals
+from ticker.feed import Comparison, Feed, MessageError, UnknownShard, merge_shards, \
+    parse_replay, parse_totals
 
 
 def shard(name: str, gmv: int, orders: int, minute: int | None, **extra) -> dict:
@@ -616,7 +616,7 @@ def test_compare_is_meaningful_only_past_5_percent_of_last_years_total():
     feed.receive(shard("0", 10**11, 1, 14_500))
     feed.publish()
     assert feed.view["compare"]["meaningful"] is True
-    curve = feed.view["compare"]["curve_cents"]
+    curve = feed.view["compare_curve_cents"]
     assert len(curve) == 264 and curve[-1] == int(c.cumulative[-1])
     assert curve[239] == int(c.cumulative[240 * 60]) and curve == sorted(curve)
     assert np.all(np.diff(curve) >= 0)
@@ -651,11 +651,15 @@ def test_top_brands_are_the_top_ten_of_every_shards_top_ten():
 
 
 def test_the_curve_adds_shards_bucket_by_bucket_and_cumulates():
-    """Shards' curve buckets add up and the view's curve is cumulative; shards with another
-    bucket width give no curve."""
+    """Shards' curve buckets add up and the view's curve is cumulative, over the complete
+    buckets only (minute 130 is in the third hour, still filling: the page draws it from the
+    total); shards with another bucket width give no curve."""
     feed = Feed(expected_shards=2)
     feed.receive(shard("0", 6, 1, 130, curve_bucket_minutes=60, curve_cents=[1, 2, 3]))
     feed.receive(shard("1", 5, 1, 70, curve_bucket_minutes=60, curve_cents=[4, 1]))
+    feed.publish()
+    assert feed.view["curve"] == {"bucket_minutes": 60, "cents": [5, 8]}
+    feed.receive(shard("0", 6, 1, 179, curve_bucket_minutes=60, curve_cents=[1, 2, 3]))
     feed.publish()
     assert feed.view["curve"] == {"bucket_minutes": 60, "cents": [5, 8, 11]}
     feed.receive(shard("1", 5, 1, 70, curve_bucket_minutes=120, curve_cents=[5]))
@@ -696,3 +700,24 @@ def test_the_currency_and_rmb_milestones_use_the_festivals_rate():
     assert Feed().view["currency"] is None
     with pytest.raises(ValueError, match="rmb_per_usd='0'"):
         Currency("0", "")
+
+
+def test_an_update_within_a_curve_bucket_carries_neither_curve():
+    """While the total grows inside one hour, update frames carry neither this year's curve
+    (complete buckets only) nor last year's (it never changes): both stay in snapshots, so
+    an update is a few hundred bytes, not the 3.7 KB of the whole curve it once was."""
+    import numpy as np
+
+    c = Comparison("2019", np.arange(15_841, dtype=np.int64) * 10**6)
+    feed = Feed(c)
+    feed.receive(shard("0", 10**12, 1, 7_230, curve_bucket_minutes=60,
+                       curve_cents=[10**10] * 121))
+    feed.publish()
+    feed.receive(shard("0", 10**12 + 5, 2, 7_231, curve_bucket_minutes=60,
+                       curve_cents=[10**10] * 120 + [5]))
+    assert feed.publish()
+    update = orjson.loads(feed.update_frame)
+    assert "gmv_cents" in update and "curve" not in update
+    assert "compare_curve_cents" not in update
+    assert len(orjson.loads(feed.snapshot_frame)["compare_curve_cents"]) == 264
+    assert feed.view["curve"]["cents"][-1] == 120 * 10**10

@@ -289,7 +289,14 @@ def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
         for value in sums:
             running += value
             cumulative.append(running)
-        curve = {"bucket_minutes": widths.pop(), "cents": cumulative}
+        width = widths.pop()
+        # Only the buckets that are complete: the one still filling grows with every update,
+        # and resending the whole curve each time tripled the update frames. A viewer draws
+        # the filling bucket from `gmv_cents` at `minute`.
+        done = 0 if minute is None else minute + 1  # minutes in
+        complete = len(cumulative) if window is not None and done >= window["minutes"] \
+            else min(len(cumulative), done // width)
+        curve = {"bucket_minutes": width, "cents": cumulative[:complete]}
     return {
         "gmv_cents": total("gmv_cents"),
         "orders": total("orders"),
@@ -601,17 +608,18 @@ class Feed:
                                     key=lambda m: (m["minute"], m["elapsed_s"], m["key"]))
         view["currency"] = None if self.currency is None else {
             "rmb_per_usd": self.currency.rmb_per_usd, "basis": self.currency.basis}
-        view["compare"] = None
+        view["compare"] = view["compare_curve_cents"] = None
         c = self.comparison
         if c is None:
             return view
+        # Apart from `compare`, which changes with every minute: unchanged, it is in no update.
+        view["compare_curve_cents"] = c.curve_cents
         total, minute = int(c.cumulative[-1]), view["minute"]
         passed = self.milestones.get("passed")
         last_year = c.at(minute)
         view["compare"] = {"label": c.label, "gmv_cents": last_year, "total_cents": total,
                            "passed_at": passed["at"] if passed else None,
-                           "meaningful": last_year > 0 and last_year >= total * MEANINGFUL_SHARE,
-                           "curve_cents": c.curve_cents}
+                           "meaningful": last_year > 0 and last_year >= total * MEANINGFUL_SHARE}
         return view
 
     def _name(self, brand: int) -> str:

@@ -376,7 +376,7 @@ function render(direct) {
   renderReplay(isPlainObject(s.replay) ? s.replay : null);
   const cmp = isPlainObject(s.compare) ? s.compare : null;
   renderCompare(cmp, s.gmv_cents, win);
-  renderChart(isPlainObject(s.curve) ? s.curve : null, cmp, win, currencyChanged);
+  renderChart(isPlainObject(s.curve) ? s.curve : null, win, currencyChanged);
   renderMilestones(Array.isArray(s.milestones) ? s.milestones : [], direct);
   renderTopBrands(Array.isArray(s.top_brands) ? s.top_brands : []);
   renderPlatforms(Array.isArray(s.platforms) ? s.platforms : []);
@@ -641,7 +641,7 @@ let chartKey = '';
 let chartAt = -Infinity;
 let chartTimer = 0;
 
-function renderChart(curve, cmp, win, force) {
+function renderChart(curve, win, force) {
   const wait = chartAt + CHART_EVERY_MS - performance.now();
   if (wait > 0 && !force) {
     // Drawn again a second after the last time, with whatever the view holds then.
@@ -650,23 +650,28 @@ function renderChart(curve, cmp, win, force) {
         chartTimer = 0;
         const s = state;
         drawChart(isPlainObject(s.curve) ? s.curve : null,
-          isPlainObject(s.compare) ? s.compare : null,
           isPlainObject(s.window) ? s.window : {}, false);
       }, wait);
     }
     return;
   }
-  drawChart(curve, cmp, win, force);
+  drawChart(curve, win, force);
 }
 
-function drawChart(curve, cmp, win, force) {
-  const now = curve && Array.isArray(curve.cents) ? curve.cents.filter(isInt) : [];
-  const then = cmp && Array.isArray(cmp.curve_cents) ? cmp.curve_cents.filter(isInt) : [];
+function drawChart(curve, win, force) {
+  const done = curve && Array.isArray(curve.cents) ? curve.cents.filter(isInt) : [];
+  const then = Array.isArray(state.compare_curve_cents)
+    ? state.compare_curve_cents.filter(isInt) : [];
   const bucket = curve && isInt(curve.bucket_minutes) && curve.bucket_minutes > 0
     ? curve.bucket_minutes : 0;
   const minutes = isInt(win.minutes) && win.minutes > 0 ? win.minutes : 0;
+  // The feed sends complete buckets only; the one filling ends at the total on screen now.
+  const live = counter.shown !== null ? counter.shown : state.gmv_cents;
+  const filling = bucket && isInt(state.minute) && isInt(live)
+    && (state.minute + 1) < minutes && done.length * bucket < state.minute + 1;
+  const now = filling ? [...done, live] : done;
   const key = `${bucket}/${minutes}/${now.length}/${now[now.length - 1]}/${then.length}/` +
-    `${then[then.length - 1]}`;
+    `${then[then.length - 1]}/${state.minute}`;
   if (key === chartKey && !force) return;
   chartKey = key;
   chartAt = performance.now();
@@ -680,7 +685,9 @@ function drawChart(curve, cmp, win, force) {
   const buckets = Math.ceil(minutes / bucket);
   const lastTotal = then.length ? then[then.length - 1] : 0;
   const top = Math.max(lastTotal, ...now, 1) * 1.06;
-  const x = (i) => ((Math.min(minutes, (i + 1) * bucket) / minutes) * SVG_W).toFixed(1);
+  // Bucket i ends at minute (i + 1) * bucket; the filling one at the minutes in so far.
+  const end = (i) => (filling && i === done.length ? state.minute + 1 : (i + 1) * bucket);
+  const x = (i) => ((Math.min(minutes, end(i)) / minutes) * SVG_W).toFixed(1);
   const y = (c) => (SVG_H - (c / top) * SVG_H).toFixed(1);
   const line = (values) => `M0 ${SVG_H}` + values.map((c, i) => `L${x(i)} ${y(c)}`).join('');
   $('chart-then').setAttribute('d', then.length ? line(then.slice(0, buckets)) : '');
