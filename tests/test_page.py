@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
@@ -21,6 +23,7 @@ import numpy as np
 import orjson
 import pytest
 
+from simulator.scenario import scenario_for_year
 from ticker.aggregator import Aggregator
 from ticker.dimensions import FESTIVAL_2020
 from ticker.mqtt import BrokerSettings, ReliablePublisher, Topics, watch_totals
@@ -501,3 +504,87 @@ async def test_an_idle_page_runs_no_animation_and_no_frames(finished_demo, page)
       .filter(a => a.playState === 'running' && a.effect.getTiming().iterations === Infinity)
       .map(a => a.animationName || String(a))""")
     assert running == []
+
+
+# ---------- 2 and 3. real runs: the badge to "done", a seek back from the operator view ----
+
+@contextlib.contextmanager
+def serving_2019(broker: BrokerSettings, topics: Topics) -> Iterator[str]:
+    """`gmv aggregate` and `gmv serve` processes for the 2019 day; yields the page's URL."""
+    from .conftest import free_port, wait_for_port
+
+    port = free_port()
+    args = ["--broker", broker.url, "--prefix", topics.prefix, "--scenario", "2019"]
+    procs = [subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *args,
+                               "--no-checkpoint"]),
+             subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", *args,
+                               "--port", str(port)])]
+    try:
+        wait_for_port(port)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["simulate", "replay"])
+async def test_the_badge_follows_a_real_run_to_done_then_goes(mosquitto, topics, page,
+                                                              tmp_path, kind):
+    """`gmv simulate` and `gmv replay --broker` show "▶ 2000×" while they play and "■ done"
+    when they finish (before, their last status never left the process: "▶ max" for good),
+    and the badge goes once they have gone, so it never shows on a later run."""
+    from .test_replay import write_recording
+
+    argv = ["simulate", "--scenario", "2019", "--order-scale", "0.0001"]
+    if kind == "replay":
+        recording = tmp_path / "day.gmvrec"
+        write_recording(recording, scenario_for_year(2019, order_scale=0.0001))
+        argv = ["replay", str(recording)]
+    with serving_2019(mosquitto, topics) as url:
+        await page.goto(url)
+        run = subprocess.Popen([sys.executable, "-m", "ticker.cli", *argv, "--broker",
+                                mosquitto.url, "--prefix", topics.prefix, "--from",
+                                "11-11 22:00", "--speed", "2000"], stdout=subprocess.DEVNULL)
+        try:
+            badge = page.locator("#replay")
+            await expect(badge).to_have_text(re.compile(r"▶\s*2000×"), timeout=15_000)
+            await expect(badge).to_have_text(re.compile(r"■\s*done"), timeout=30_000)
+            assert run.wait(10) == 0
+            await expect(badge).to_be_hidden(timeout=8_000)
+        finally:
+            run.kill()
+            run.wait()
+
+
+@pytest.mark.slow
+async def test_a_seek_back_from_the_operator_view_shows_the_target_within_a_second(page):
+    """Paused on Nov 6, a seek back to 11-02 12:00 from the operator view brings the page to
+    exactly the GMV of the minutes before it, with the clock on Nov 2 11:59, within about a
+    second (before: the festival rerun on screen from $0, about 11 s)."""
+    scenario = scenario_for_year(2020, order_scale=0.0001)
+    target = 1 * 1440 + 12 * 60
+    with demo_process("--speed", "1584", "--order-scale", "0.0001", "--from", "11-06 00:00") \
+            as (url, token):
+        deadline = time.monotonic() + 30
+        while (api_totals(url).get("minute") or 0) < 5 * 1440:
+            assert time.monotonic() < deadline, "the demo did not reach Nov 6"
+            time.sleep(0.2)
+        await page.goto(url + "?operator=1")
+        await page.fill("#operator-token", token)
+        await page.click("#operator-pause")
+        result = page.locator("#operator-result")
+        await expect(result).to_have_text(re.compile(r"^paused at 11-0[6-9]"))
+        await page.fill("#operator-seek", "11-02 12:00")
+        clicked = time.monotonic()
+        await page.click("#operator-seek-go")
+        gmv = page.locator("#gmv")
+        expected = str(int(scenario.minute_gmv_cents[:target].sum()))
+        await expect(gmv).to_have_attribute("data-cents", expected, timeout=5_000)
+        seconds = time.monotonic() - clicked
+        await expect(page.locator("#clock")).to_have_text("Nov 2 · 11:59")
+        await expect(gmv).to_have_attribute("data-shown", expected)
+        await expect(result).to_have_text("seeking 11-02 12:00 ✓")
+    print(f"seek back shown in {seconds:.2f} s")
+    assert seconds < 3.0, f"the seek back took {seconds:.1f} s to reach the page"

@@ -304,7 +304,8 @@ async def test_every_kind_of_run_says_playing_then_done_and_retains_nothing(mosq
     aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
                                    "--scenario", "2019", "--no-checkpoint"], env=env)
     try:
-        run = asyncio.to_thread(gmv, *argv, "--speed", "4000", env=env, timeout=60)
+        run = asyncio.to_thread(gmv, *argv, "--from", "11-11 20:00", "--speed", "4000",
+                                env=env, timeout=60)
         seen = await statuses_while(mosquitto, topics, run)
     finally:
         aggregator.terminate()
