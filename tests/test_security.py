@@ -162,8 +162,10 @@ def ticker_services(options: list[str], env: dict[str, str] | None = None) -> It
 
 
 def replay_conserves_the_total(options: list[str], capsys, env=None) -> None:
+    """The whole festival through the secured broker: Nov 1-11 22:59 in bulk batches, then
+    the last hour minute by minute; all of it must arrive, to the cent."""
     with ticker_services(options, env) as port:
-        assert main(["simulate", *options, *SCALE, "--json"]) == 0
+        assert main(["simulate", *options, *SCALE, "--from", "11-11 23:00", "--json"]) == 0
         report = orjson.loads(capsys.readouterr().out)
         totals = wait_until(lambda: (t := get_totals(port))["gmv_cents"] == TOTAL
                             and t["minute"] == 15839 and t, "the final total")
