@@ -351,6 +351,7 @@ class Replay:
         nonce = nonce_of(payload)
         if self._verifier is None or nonce is None:
             return None
+        answered = self._verifier.obeyed(nonce)  # then verify refuses it, as replayed or bad
         try:
             command = self._verifier.verify(payload, time.time())
             if command.cmd == "reset":
@@ -360,6 +361,11 @@ class Replay:
             now = self._now()
             if count := self._refusal_log.due(now):
                 self.say(f"control refused ({count} since the last report), the latest: {exc}")
+            # A copy of a command obeyed, or junk under its nonce (anyone who reads the
+            # control topic can send either): its answer went out; a signed refusal under
+            # that nonce would contradict it.
+            if answered:
+                return None
             if self._refusals.retry_in(now):  # a flood of bad commands: answer one a second
                 return None
             self._refusals.failed(now)

@@ -251,6 +251,66 @@ def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosqui
         aggregator.wait(10)
 
 
+# Someone with producer rights on a stock broker (no ACL): it reads each command on the
+# control topic and, under that command's nonce, publishes the command again verbatim, a
+# junk command, and a forged refusal on the answers topic.
+CONTRADICTOR = """
+import asyncio, sys, aiomqtt, orjson
+async def main(port, prefix):
+    async with aiomqtt.Client("127.0.0.1", int(port)) as client:
+        await client.subscribe(prefix + "/control", qos=1)
+        print("ready", flush=True)
+        seen = set()
+        async for message in client.messages:
+            payload = bytes(message.payload)
+            doc = orjson.loads(payload)
+            if doc.get("cmd") == "reset" or doc.get("nonce") in seen:
+                continue
+            seen.add(doc.get("nonce"))
+            await client.publish(prefix + "/control", payload, qos=1)
+            await client.publish(prefix + "/control", orjson.dumps(
+                {**doc, "cmd": "seek", "to": "11-40 00:00", "mac": "0" * 64}), qos=1)
+            await client.publish(prefix + "/answers", orjson.dumps(
+                {"v": 1, "nonce": doc["nonce"], "cmd": doc["cmd"], "ok": False,
+                 "detail": "stale: sent 99 s ago", "by": "sim-x", "mac": "0" * 64}), qos=1)
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_gmv_control_is_not_contradicted_by_copies_or_forgeries_of_its_command(
+        mosquitto, topics):
+    """On a broker without ACL, whoever reads the control topic can echo an operator's command
+    under its nonce (the replay answered "refused: replayed", signed, so it verified), send
+    junk under it ("refused: bad mac", signed too) and forge a refusal. None of it may turn
+    the replay's real answer into an error: before, `gmv control pause` paused the replay and
+    still exited 1 printing "pause refused by replay ...: replayed"."""
+    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
+    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+                                   "--scenario", "2019", "--no-checkpoint"], env=env)
+    sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+                            "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1"],
+                           stdout=subprocess.DEVNULL, env=env)
+    port = mosquitto.url.rpartition(":")[2]
+    attacker = subprocess.Popen([sys.executable, "-c", CONTRADICTOR, port, topics.prefix],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert attacker.stdout.readline().strip() == "ready"
+        time.sleep(2.0)
+        for cmd in ("pause", "resume"):
+            done = gmv("control", cmd, *broker, env=env)
+            assert done.returncode == 0, done.stderr
+            assert done.stdout.startswith(f"{cmd} done by replay sim-"), done.stdout
+            assert "refused" not in done.stdout + done.stderr, done.stderr
+    finally:
+        attacker.kill()
+        attacker.communicate(timeout=10)
+        sim.kill()
+        sim.wait(10)
+        aggregator.terminate()
+        aggregator.wait(10)
+
+
 def write_recording(path, scenario) -> None:
     """The scenario's stream as `gmv record` would have written it off the broker."""
     source = ScenarioSource(scenario)

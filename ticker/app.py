@@ -342,6 +342,14 @@ async def control(args: argparse.Namespace, broker: BrokerSettings) -> int:
                           f"running on {broker.url} under --prefix {args.prefix} with control "
                           "(a control token)?")
     answers = [read_answer(payload, args.control_token) for payload in found]
+    # Answers that verify are the replays' word. Anyone who reads the control topic of a
+    # broker without ACL can post an answer under our nonce; one that does not verify
+    # counts only when no replay's does (a wrong token: the replay's "bad mac").
+    verified = [a for a in answers if a.verified]
+    if verified and len(verified) < len(answers):
+        print(f"gmv: warning: ignored {len(answers) - len(verified)} answer(s) that do not "
+              "verify with this token", file=sys.stderr, flush=True)
+    answers = verified or answers[:10]
     for answer in answers:
         if answer.ok and answer.verified:
             print(answer.line(), flush=True)

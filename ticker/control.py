@@ -149,6 +149,11 @@ class Verifier:
         heapq.heappush(self._expiry, (ts + self.max_age, nonce))
         return command
 
+    def obeyed(self, nonce: str) -> bool:
+        """Whether a command with this nonce passed `verify` and is still fresh: a copy of it,
+        or anything else sent under its nonce, is not to be answered (its answer went out)."""
+        return nonce in self._seen
+
     def _forget_stale(self, now: float) -> None:
         """Drop the nonces whose commands can no longer pass the age check."""
         while self._expiry and self._expiry[0][0] < now:
