@@ -214,7 +214,8 @@ async def test_at_real_time_the_counter_runs_between_the_replays_slices(page):
 
 
 async def test_the_replay_badge_tells_playing_paused_seeking_and_done(mosquitto, topics, page):
-    """The REPLAY badge reads what the replay says: "▶ 1584×", "▶ max", "❚❚ paused",
+    """The REPLAY badge reads what the replay says: "▶ 1584×", "▶ max", "▶ 0.004×" (not
+    "▶ 0×", as at any speed under 0.005), "❚❚ paused",
     "⏩ seeking", "■ done", and is hidden when there is no replay status."""
     async with parts(mosquitto, topics) as (url, _):
         async with ReliablePublisher(mosquitto) as publisher:
@@ -226,6 +227,8 @@ async def test_the_replay_badge_tells_playing_paused_seeking_and_done(mosquitto,
             await expect(replay).to_be_hidden()
             for state, speed, text in [("playing", 1584, r"▶\s*1584×"),
                                        ("playing", None, r"▶\s*max"),
+                                       # slower than real time: not "0×" (a stall)
+                                       ("playing", 0.004, r"▶\s*0\.004×"),
                                        ("paused", 1584, r"❚❚\s*paused"),
                                        ("seeking", 1584, r"seeking"),
                                        ("done", 1584, r"■\s*done")]:

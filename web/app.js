@@ -211,10 +211,11 @@ function shortLabel(label) {
   return label.replace(/\s*\([^)]*\)\s*$/, '') || label;
 }
 
-// 1584 -> "1584×", 0.5 -> "0.5×", null / "max" (as fast as it goes) -> "max"
+// 1584 -> "1584×", 0.5 -> "0.5×", 0.004 -> "0.004×" (two significant digits under 1, never
+// "0×"), null / "max" (as fast as it goes) -> "max"
 function formatSpeed(speed) {
   if (typeof speed !== 'number' || !Number.isFinite(speed) || speed <= 0) return 'max';
-  return `${Math.round(speed * 100) / 100}×`;
+  return `${speed >= 1 ? Math.round(speed * 100) / 100 : Number(speed.toPrecision(2))}×`;
 }
 
 function percent(part, total) {
