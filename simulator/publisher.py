@@ -346,14 +346,17 @@ class Replay:
 
     async def obey(self, payload: bytes) -> Answer | None:
         """Check a message from the control topic, apply it if it is authentic, and answer
-        it on the answers topic (refusals of bad commands about once a second at most).
+        it on the answers topic (refusals of commands that do not verify about once a second
+        at most).
         Our own resets, meant for the aggregators, get no answer."""
         nonce = nonce_of(payload)
         if self._verifier is None or nonce is None:
             return None
         answered = self._verifier.obeyed(nonce)  # then verify refuses it, as replayed or bad
+        signed = False
         try:
             command = self._verifier.verify(payload, time.time())
+            signed = True
             if command.cmd == "reset":
                 return None
             answer = Answer(nonce, command.cmd, True, await self.control(command), self.producer)
@@ -366,9 +369,12 @@ class Replay:
             # that nonce would contradict it.
             if answered:
                 return None
-            if self._refusals.retry_in(now):  # a flood of bad commands: answer one a second
-                return None
-            self._refusals.failed(now)
+            # A flood of bad commands: answer one a second. Not a signed command that cannot
+            # be carried out (a seek outside the window): only token holders send those.
+            if not signed:
+                if self._refusals.retry_in(now):
+                    return None
+                self._refusals.failed(now)
             answer = Answer(nonce, _cmd_of(payload), False, str(exc), self.producer)
         await self.publisher.send(self.topics.answers, sign_answer(answer, self._verifier.key))
         return answer

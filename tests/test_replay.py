@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -18,7 +19,7 @@ from simulator.flow import FlowControl, usd
 from simulator.publisher import Replay, ScenarioSource
 from simulator.recording import CHATBOT, ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
-from ticker.control import Command
+from ticker.control import Command, sign
 from ticker.mqtt import ReliablePublisher, watch
 from ticker.wire import ChatbotCount, encode, encode_chatbot
 
@@ -249,6 +250,32 @@ def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosqui
         sim.wait(10)
         aggregator.terminate()
         aggregator.wait(10)
+
+
+class SentMessages:
+    """A publisher that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+
+    async def send(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        self.sent.append((topic, payload))
+
+
+async def test_a_flood_of_junk_commands_does_not_silence_the_answer_to_a_signed_one(topics):
+    """Refusals of commands that do not verify are answered 5 at once, then 1 a second; a
+    signed command the replay cannot carry out is still answered at once with why. Before,
+    junk from anyone used up the budget and the operator's `gmv control seek '11-40 00:00'`
+    got "no replay answered" instead of "'11-40 00:00' is outside the window"."""
+    replay = Replay(SentMessages(), ScenarioSource(S2019), topics, producer="r", speed=60,
+                    control_token=TOKEN)
+    for _ in range(20):
+        await replay.obey(orjson.dumps({"v": 1, "cmd": "pause", "ts": time.time(),
+                                        "nonce": secrets.token_hex(16), "mac": "0" * 64}))
+    answer = await replay.obey(sign(Command("seek", to="11-40 00:00"), TOKEN, now=time.time()))
+    assert answer is not None and not answer.ok and "11-40 00:00" in answer.detail
+    answers = [orjson.loads(p) for t, p in replay.publisher.sent if t == topics.answers]
+    assert len(answers) == 6 and answers[-1]["nonce"] == answer.nonce
 
 
 # Someone with producer rights on a stock broker (no ACL): it reads each command on the
