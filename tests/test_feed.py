@@ -667,6 +667,26 @@ def test_the_curve_adds_shards_bucket_by_bucket_and_cumulates():
     assert feed.view["curve"] is None
 
 
+def test_curves_adding_up_past_their_shards_gmv_are_refused_and_the_feed_goes_on():
+    """A shard's curve buckets split its GMV, so they add up to at most its gmv_cents. Before,
+    three fake totals (anyone can write them on a broker without ACL) of 720 buckets of
+    2^53 - 1 cents each cumulated past 2^64, and `publish` raised TypeError (orjson: "Integer
+    exceeds 64-bit range"), which ended the server's pusher: every screen froze."""
+    most = 2**53 - 1
+    feed = Feed(expected_shards=3)
+    for name in ("0", "1", "2"):
+        doc = {"v": 1, "shard": name, "gmv_cents": most, "orders": most, "minute": 43199,
+               "window": {"start": "2020-11-01T00:00:00+08:00", "minutes": 43200,
+                          "label": "x"},
+               "curve_bucket_minutes": 60, "curve_cents": [most] * 720}
+        with pytest.raises(MessageError, match="curve_cents"):
+            feed.accept_totals(name, orjson.dumps(doc), now=1.0)
+        feed.accept_totals(name, orjson.dumps({**doc, "curve_cents": [most // 720] * 720}),
+                           now=1.0)
+    assert feed.publish() and feed.view["stats"]["ignored_totals"] == 3
+    assert feed.view["curve"]["cents"][-1] == 3 * (most // 720) * 720
+
+
 def test_big_brands_merge_only_for_one_line():
     """Brand counts add across shards that use the same line; with different lines there is
     no count, and no brand milestone."""

@@ -130,6 +130,10 @@ def parse_totals(shard: str, doc: object) -> dict:
         curve = _list("curve_cents", doc.get("curve_cents"), 0, most)
         out["curve_bucket_minutes"] = width
         out["curve_cents"] = [_count("curve_cents", value) for value in curve]
+        # The buckets split the shard's GMV: so the merged, cumulated curve stays within
+        # the shards' total (past 2^64 no JSON encoder takes it).
+        if sum(out["curve_cents"]) > out["gmv_cents"]:
+            raise MessageError("curve_cents: the buckets add up to more than gmv_cents")
     return out
 
 
