@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -28,6 +29,12 @@ from ticker.state import AggregateState
 from ticker.wire import Limits
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+
+# Tests stop `gmv demo` and friends with SIGINT, as Ctrl-C would. A test run started in the
+# background of a non-interactive shell (`scripts/test &`) inherits SIGINT ignored, and so
+# would every process it starts (Python leaves an ignored SIGINT ignored): they then never
+# stop. A handler here is reset to the default in each child, so Ctrl-C reaches them.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def free_port() -> int:
