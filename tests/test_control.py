@@ -187,3 +187,17 @@ def test_the_nonce_of_a_command_is_found_even_when_it_does_not_verify():
     assert nonce_of(sign(Command("pause"), "wrong", now=NOW, nonce=NONCE)) == NONCE
     assert nonce_of(b'{"nonce": "not hex"}') is None
     assert nonce_of(b"not json") is None
+
+
+def test_an_answer_never_passes_for_a_command_nor_a_command_for_an_answer():
+    """Both are MAC'd with the same token; the answer's `kind` (under the MAC) and the
+    command's required `ts` keep one from being taken for the other."""
+    answer = sign_answer(Answer(NONCE, "pause", True, "paused", "sim-1"), KEY)
+    with pytest.raises(ControlError):
+        Verifier(KEY).verify(answer, NOW)
+    with pytest.raises(ControlError, match="not a version 1 answer"):
+        read_answer(sign(Command("pause"), KEY, now=NOW, nonce=NONCE), KEY)
+    doc = orjson.loads(answer)
+    del doc["kind"]
+    with pytest.raises(ControlError, match="not a version 1 answer"):
+        read_answer(orjson.dumps(doc), KEY)

@@ -9,9 +9,9 @@ Whoever sends a command (`gmv control`, the ticker server for an operator on the
 replay for `reset`) calls `sign`; whoever obeys (the replay, the aggregator for `reset`) keeps a
 `Verifier`, which refuses a command older than `max_age` or one it has seen before.
 
-The replay that gets a command answers it on `{prefix}/answers`: `{"v": 1, "nonce": N, "cmd":
-C, "ok": true | false, "detail": "paused at 11-11 00:31" | the reason, "by": producer,
-"mac": …}`, MAC'd with its token, so the sender (`gmv control`, the ticker server) knows what
+The replay that gets a command answers it on `{prefix}/answers`: `{"v": 1, "kind": "answer",
+"nonce": N, "cmd": C, "ok": true | false, "detail": "paused at 11-11 00:31" | the reason,
+"by": producer, "mac": …}`, MAC'd with its token, so the sender (`gmv control`, the ticker server) knows what
 happened. A sender believes an `ok` only if its MAC checks with its own token; a refusal it
 cannot check (a wrong token) is still shown, as unverified.
 """
@@ -218,8 +218,9 @@ def nonce_of(payload: bytes) -> str | None:
 
 
 def sign_answer(answer: Answer, key: str) -> bytes:
-    body = {"v": 1, "nonce": answer.nonce, "cmd": answer.cmd, "ok": answer.ok,
-            "detail": answer.detail[:200], "by": answer.by[:64]}
+    # "kind" under the MAC: an answer can never pass for a command, nor a command for one.
+    body = {"v": 1, "kind": "answer", "nonce": answer.nonce, "cmd": answer.cmd,
+            "ok": answer.ok, "detail": answer.detail[:200], "by": answer.by[:64]}
     return orjson.dumps({**body, "mac": _mac(key, body)})
 
 
@@ -230,7 +231,7 @@ def read_answer(payload: bytes, key: str) -> Answer:
         doc = orjson.loads(payload) if len(payload) <= MAX_COMMAND_BYTES else None
     except orjson.JSONDecodeError:
         doc = None
-    if not isinstance(doc, dict) or doc.get("v") != 1:
+    if not isinstance(doc, dict) or doc.get("v") != 1 or doc.get("kind") != "answer":
         raise ControlError("not a version 1 answer")
     mac = doc.pop("mac", None)
     nonce, cmd, ok, detail, by = (doc.get(k) for k in ("nonce", "cmd", "ok", "detail", "by"))
