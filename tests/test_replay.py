@@ -4,6 +4,7 @@ recordings, and the absolute schedule."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -214,11 +215,10 @@ def gmv(*argv: str, env: dict, timeout: float = 30) -> subprocess.CompletedProce
                           text=True, timeout=timeout, env=env)
 
 
-def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosquitto, topics,
-                                                                          tmp_path):
-    """`gmv control` waits for the replay's answer: obeyed, exit 0 with what it did; an
-    invalid seek, a wrong token or no replay at all, exit 1 with the reason (before, each
-    printed "sent pause" and exited 0)."""
+@contextlib.contextmanager
+def controllable_simulation(mosquitto, topics):
+    """`gmv aggregate` and a real-time `gmv simulate` with the control token, 2 s in;
+    yields the broker arguments and the environment holding the token."""
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
     env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
     aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
@@ -228,6 +228,20 @@ def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosqui
                            stdout=subprocess.DEVNULL, env=env)
     try:
         time.sleep(2.0)
+        yield broker, env
+    finally:
+        sim.kill()
+        sim.wait(10)
+        aggregator.terminate()
+        aggregator.wait(10)
+
+
+def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosquitto, topics,
+                                                                          tmp_path):
+    """`gmv control` waits for the replay's answer: obeyed, exit 0 with what it did; an
+    invalid seek, a wrong token or no replay at all, exit 1 with the reason (before, each
+    printed "sent pause" and exited 0)."""
+    with controllable_simulation(mosquitto, topics) as (broker, env):
         paused = gmv("control", "pause", *broker, env=env)
         assert paused.returncode == 0, paused.stderr
         assert paused.stdout.startswith("pause done by replay sim-") and \
@@ -245,11 +259,6 @@ def test_gmv_control_reports_the_replays_answer_and_exits_1_unless_obeyed(mosqui
             f"gmv: error: no replay answered pause within 1 s: is one running on "
             f"{mosquitto.url} under --prefix {topics.prefix}/nobody with control "
             "(a control token)?"]
-    finally:
-        sim.kill()
-        sim.wait(10)
-        aggregator.terminate()
-        aggregator.wait(10)
 
 
 class SentMessages:
@@ -311,31 +320,20 @@ def test_gmv_control_is_not_contradicted_by_copies_or_forgeries_of_its_command(
     junk under it ("refused: bad mac", signed too) and forge a refusal. None of it may turn
     the replay's real answer into an error: before, `gmv control pause` paused the replay and
     still exited 1 printing "pause refused by replay ...: replayed"."""
-    broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
-    env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
-    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
-                                   "--scenario", "2019", "--no-checkpoint"], env=env)
-    sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
-                            "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1"],
-                           stdout=subprocess.DEVNULL, env=env)
     port = mosquitto.url.rpartition(":")[2]
     attacker = subprocess.Popen([sys.executable, "-c", CONTRADICTOR, port, topics.prefix],
                                 stdout=subprocess.PIPE, text=True)
     try:
         assert attacker.stdout.readline().strip() == "ready"
-        time.sleep(2.0)
-        for cmd in ("pause", "resume"):
-            done = gmv("control", cmd, *broker, env=env)
-            assert done.returncode == 0, done.stderr
-            assert done.stdout.startswith(f"{cmd} done by replay sim-"), done.stdout
-            assert "refused" not in done.stdout + done.stderr, done.stderr
+        with controllable_simulation(mosquitto, topics) as (broker, env):
+            for cmd in ("pause", "resume"):
+                done = gmv("control", cmd, *broker, env=env)
+                assert done.returncode == 0, done.stderr
+                assert done.stdout.startswith(f"{cmd} done by replay sim-"), done.stdout
+                assert "refused" not in done.stdout + done.stderr, done.stderr
     finally:
         attacker.kill()
         attacker.communicate(timeout=10)
-        sim.kill()
-        sim.wait(10)
-        aggregator.terminate()
-        aggregator.wait(10)
 
 
 def write_recording(path, scenario) -> None:
