@@ -148,7 +148,6 @@ class Replay:
         # until the last minute behind the clock is published. "seeking" on screens.
         self.catching_up = from_minute > 0
         self.run_id = secrets.token_hex(4)  # tells this run's status from an earlier one's
-        self._from = from_minute
         self._status_sent: tuple[object, ...] = ()
         self._status_at = -1e9
         self._verifier = Verifier(control_token) if control_token else None
@@ -424,7 +423,7 @@ class Replay:
         self._status_sent, self._status_at = key, now
         await self.publisher.send(self.topics.replay, orjson.dumps(
             {"v": 1, "state": state, "speed": self.clock.speed, "minute": self.next_minute,
-             "scenario": self.source.name, "loop": self.loop, "from": self._from,
+             "scenario": self.source.name, "loop": self.loop, "from": self.first_minute,
              "to": self.last, "run": self.run_id}))
 
 
