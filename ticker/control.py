@@ -12,8 +12,8 @@ replay for `reset`) calls `sign`; whoever obeys (the replay, the aggregator for 
 The replay that gets a command answers it on `{prefix}/answers`: `{"v": 1, "kind": "answer",
 "nonce": N, "cmd": C, "ok": true | false, "detail": "paused at 11-11 00:31" | the reason,
 "by": producer, "mac": …}`, MAC'd with its token, so the sender (`gmv control`, the ticker
-server) knows what happened. A sender believes an `ok` only if its MAC checks with its own token; a refusal it
-cannot check (a wrong token) is still shown, as unverified.
+server) knows what happened. A sender believes an `ok` only if its MAC checks with its own
+token; a refusal it cannot check (a wrong token) is still shown, as unverified.
 """
 
 from __future__ import annotations
