@@ -2,6 +2,7 @@
 FROM python:3.11-slim
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY gmv gmv
 COPY ticker ticker
 COPY simulator simulator
 COPY web web

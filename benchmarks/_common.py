@@ -30,8 +30,8 @@ import numpy as np
 import orjson
 
 from simulator.generator import MinuteOrders
-from ticker.dimensions import FESTIVAL_2020
-from ticker.wire import OrderBatch, Limits
+from ticker.core.dimensions import FESTIVAL_2020
+from ticker.core.wire import OrderBatch, Limits
 
 BUSY_MINUTE = 15120  # 2020-11-11 12:00 Beijing time: 300,000-400,000 orders at order_scale=1
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -39,7 +39,7 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 
 
 def festival_limits() -> Limits:
-    """What `gmv aggregate` accepts (ticker/cli.py `_limits`)."""
+    """What `gmv aggregate` accepts (gmv/cli.py `_limits`)."""
     return Limits(n_brands=250_000, n_minutes=FESTIVAL_2020.minutes, n_countries=12,
                   n_platforms=3, max_order_cents=10**10)
 
@@ -130,7 +130,7 @@ class NaiveTotals:
 
 def apply_marks_overseas() -> bool:
     """Whether the current `AggregateState.apply` also marks brands sold from abroad."""
-    from ticker.state import AggregateState
+    from ticker.core.state import AggregateState
 
     return "brand_overseas" in inspect.getsource(AggregateState.apply)
 
@@ -139,8 +139,8 @@ def source_digests() -> dict[str, str]:
     """sha256 (first 12 hex digits) of the product files measured, to tell versions apart."""
     root = Path(__file__).resolve().parent.parent
     out = {}
-    for name in ("ticker/wire.py", "ticker/state.py", "ticker/feed.py", "ticker/server.py",
-                 "ticker/mqtt.py", "ticker/aggregator.py", "simulator/scenario.py",
+    for name in ("ticker/core/wire.py", "ticker/core/state.py", "ticker/core/feed.py", "ticker/shell/server.py",
+                 "ticker/shell/mqtt.py", "ticker/shell/aggregator.py", "simulator/scenario.py",
                  "simulator/generator.py", "simulator/catalog.py"):
         with contextlib.suppress(OSError):
             out[name] = hashlib.sha256((root / name).read_bytes()).hexdigest()[:12]

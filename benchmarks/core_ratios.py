@@ -37,8 +37,9 @@ from _common import (BUSY_MINUTE, KernelArrays, NaiveTotals, festival_2020, fest
                      festival_limits, machine_info, median, minute_orders, naive_messages,
                      system_busy_seconds, write_json)
 
-from ticker.state import AggregateState, Watermarks
-from ticker.wire import decode, encode
+from ticker.core.sequence import Watermarks
+from ticker.core.state import AggregateState
+from ticker.core.wire import decode, encode
 
 AIM = 0.75
 

@@ -5,7 +5,7 @@
 
 Three processes, all on 127.0.0.1, every run bounded in time:
 
-* server   (`--role server`, started by this script): the real `ticker.server.TickerServer`
+* server   (`--role server`, started by this script): the real `ticker.shell.server.TickerServer`
   (variant `task`), or a variant class defined below, serving on a free port. A driver
   calls `receive_totals` 10 times a second on an absolute schedule (half a period out of
   phase with the pusher's first tick) with a changing shard
@@ -72,7 +72,7 @@ def _variant_class(name: str):
     from websockets.exceptions import ConnectionClosed
     from websockets.protocol import State
 
-    from ticker.server import TickerServer, _text_frame
+    from ticker.shell.server import TickerServer, _text_frame
 
     class _OnePassServer(TickerServer):
         """Fan-out in one pass per version from the pusher instead of one task per viewer."""
@@ -140,7 +140,7 @@ def _variant_class(name: str):
 
 def _totals(i: int, now_us: int) -> dict:
     """A shard totals message like the aggregator's; gmv_cents carries the wall clock in µs."""
-    from ticker.dimensions import FESTIVAL_2020
+    from ticker.core.dimensions import FESTIVAL_2020
 
     orders = 10_000 * (i + 1)
     gmv = now_us

@@ -13,13 +13,13 @@ processes:
   dedup) published at QoS 1 to one topic as fast as the broker acknowledges, `--window`
   messages in flight, for a fixed count. `lean` is a minimal asyncio MQTT 3.1.1 publisher;
   `aiomqtt` is a plain pipelined aiomqtt publisher (a task per `client.publish`), and
-  `reliable` is the simulator's own `ticker.mqtt.ReliablePublisher`
+  `reliable` is the simulator's own `ticker.shell.mqtt.ReliablePublisher`
   (`--publishers aiomqtt reliable` adds those rows, into the lean subscriber).
 * subscriber, one of
   - `aiomqtt`          aiomqtt client, `async for message in client.messages`, counts bytes;
   - `paho`             bare paho-mqtt 2 client (`loop_forever`, `on_message`), counts bytes;
   - `lean`             minimal asyncio MQTT 3.1.1 protocol: parses PUBLISH, sends PUBACK;
-  - `aggregator`       the real path: `ticker.aggregator.Aggregator` (aiomqtt with manual
+  - `aggregator`       the real path: `ticker.shell.aggregator.Aggregator` (aiomqtt with manual
                        acks, decode + apply, totals published every 0.2 s), no checkpoint;
   - `aggregator-lean`  the same decode + `AggregateState.apply` behind the lean protocol.
 
@@ -56,7 +56,7 @@ SLICES = 36
 
 def payload_factory(encoding: str, n_orders: int, producer: str):
     """(make(seq) -> bytes, gmv_cents(seq), orders per batch): pre-encoded, seq patched in."""
-    from ticker.wire import encode
+    from ticker.core.wire import encode
 
     batches = [dataclasses.replace(b, seq=0)
                for b in festival_batches(n_orders, SLICES, producer=producer)]
@@ -255,8 +255,8 @@ async def _publish_aiomqtt(args: argparse.Namespace, make) -> None:
 
 
 async def _publish_reliable(args: argparse.Namespace, make) -> None:
-    """The product's publisher (simulator/publisher.py): `ticker.mqtt.ReliablePublisher`."""
-    from ticker.mqtt import BrokerSettings, ReliablePublisher
+    """The product's publisher (simulator/publisher.py): `ticker.shell.mqtt.ReliablePublisher`."""
+    from ticker.shell.mqtt import BrokerSettings, ReliablePublisher
 
     async with ReliablePublisher(BrokerSettings("127.0.0.1", args.port),
                                  max_inflight=args.window) as publisher:
@@ -336,8 +336,8 @@ async def _sub_aiomqtt(args: argparse.Namespace, tally: Tally) -> None:
 async def _sub_lean(args: argparse.Namespace, tally: Tally, *, aggregate: bool,
                     result: dict) -> None:
     if aggregate:
-        from ticker.state import AggregateState
-        from ticker.wire import BatchError, decode
+        from ticker.core.state import AggregateState
+        from ticker.core.wire import BatchError, decode
 
         state = AggregateState(festival_limits())
         limits = state.limits
@@ -369,29 +369,29 @@ async def _sub_lean(args: argparse.Namespace, tally: Tally, *, aggregate: bool,
 
 
 async def _sub_aggregator(args: argparse.Namespace, tally: Tally, result: dict) -> None:
-    """The product's consumer: `ticker.aggregator.Aggregator` (or the older
-    `ticker.mqtt.run_aggregator`), no checkpoint file, i.e. ack right after apply."""
-    from ticker.dimensions import FESTIVAL_2020
-    from ticker.mqtt import BrokerSettings, Topics
-    from ticker.state import AggregateState
+    """The product's consumer: `ticker.shell.aggregator.Aggregator` (or the older
+    `ticker.shell.mqtt.run_aggregator`), no checkpoint file, i.e. ack right after apply."""
+    from ticker.core.dimensions import FESTIVAL_2020
+    from ticker.shell.mqtt import BrokerSettings, Topics
+    from ticker.core.state import AggregateState
 
     broker = BrokerSettings("127.0.0.1", args.port)
     topics = Topics(args.topic.rsplit("/orders/", 1)[0])
     try:
-        from ticker.aggregator import Aggregator
+        from ticker.shell.aggregator import Aggregator
     except ImportError:
         Aggregator = None
     if Aggregator is not None:
         aggregator = Aggregator(broker, topics, festival_limits(), FESTIVAL_2020, shard="bench")
         state, ready, run = aggregator.state, aggregator.ready, aggregator.run
-        result["consumer"] = "ticker.aggregator.Aggregator"
+        result["consumer"] = "ticker.shell.aggregator.Aggregator"
     else:
-        from ticker.mqtt import run_aggregator
+        from ticker.shell.mqtt import run_aggregator
 
         state, ready = AggregateState(festival_limits()), asyncio.Event()
         run = lambda: run_aggregator(broker, topics, state, FESTIVAL_2020,  # noqa: E731
                                      shard="bench", ready=ready)
-        result["consumer"] = "ticker.mqtt.run_aggregator"
+        result["consumer"] = "ticker.shell.mqtt.run_aggregator"
     apply = state.apply
 
     def counted_apply(batch, *args, **kwargs) -> bool:  # on the instance only
@@ -617,7 +617,7 @@ def main() -> int:
                         choices=("aiomqtt", "paho", "lean", "aggregator", "aggregator-lean"))
     parser.add_argument("--publishers", nargs="*", default=[], choices=("aiomqtt", "reliable"),
                         help="also run these publishers into the lean subscriber "
-                             "(reliable = ticker.mqtt.ReliablePublisher, the simulator's)")
+                             "(reliable = ticker.shell.mqtt.ReliablePublisher, the simulator's)")
     parser.add_argument("--batch-orders", type=int, default=10_000)
     parser.add_argument("--repeat", type=int, default=1,
                         help="repetitions; each one runs every case in turn")

@@ -46,8 +46,8 @@ from _common import (cpu_seconds, free_port, machine_info, own_mosquitto,  # noq
                      system_busy_seconds, wait_for_port, write_json)
 
 from simulator.scenario import scenario_for_year  # noqa: E402
-from ticker.mqtt import BrokerSettings, ReliablePublisher, Topics  # noqa: E402
-from ticker.wire import OrderBatch, encode  # noqa: E402
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics  # noqa: E402
+from ticker.core.wire import OrderBatch, encode  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -33,9 +33,9 @@ sys.path.insert(0, str(ROOT))
 from benchmarks._common import MOSQUITTO, RESULTS, free_port, machine_info  # noqa: E402
 from simulator.publisher import publish_scenario  # noqa: E402
 from simulator.scenario import scenario_for_year  # noqa: E402
-from ticker.mqtt import BrokerSettings, ReliablePublisher, Topics, connect  # noqa: E402
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, connect  # noqa: E402
 
-GMV = [sys.executable, "-m", "ticker.cli"]
+GMV = [sys.executable, "-m", "gmv.cli"]
 TUNED = "max_queued_messages 1000000\nmax_inflight_messages 100\n"
 
 

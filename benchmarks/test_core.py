@@ -26,8 +26,8 @@ from _common import (  # noqa: E402
     naive_messages,
 )
 
-from ticker.state import AggregateState  # noqa: E402
-from ticker.wire import decode, encode  # noqa: E402
+from ticker.core.state import AggregateState  # noqa: E402
+from ticker.core.wire import decode, encode  # noqa: E402
 
 SIZES = [10_000, 100_000]
 

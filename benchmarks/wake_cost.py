@@ -8,7 +8,7 @@ viewer, for three ways of waiting, interleaved round by round in one run:
 
 * plain        `await event.wait()`
 * wait_for     `await asyncio.wait_for(event.wait(), 1.0)`: the heartbeat timeout as
-               ticker/server.py writes it; on Python 3.11 every call wraps the wait in a new
+               ticker/shell/server.py writes it; on Python 3.11 every call wraps the wait in a new
                Task and schedules a timer;
 * timeout_cm   `async with asyncio.timeout(1.0): await event.wait()`: the same timeout
                without the extra Task.

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ticker.dimensions import COUNTRIES
+from ticker.core.dimensions import COUNTRIES
 
 # Each overseas country's share of overseas brands and of overseas GMV. The United States
 # leads (facts G02, G03 name it the top country selling to China); the rest are a first guess.

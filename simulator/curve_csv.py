@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ticker.dimensions import BEIJING, Window
+from ticker.core.dimensions import BEIJING, Window
 
 from .curve import MINUTES_PER_DAY, allocate, intraday_shape
 from .history import Curve, Milestone, warp

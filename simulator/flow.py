@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import orjson
 
-from ticker.mqtt import BrokerSettings, Topics, watch
-from ticker.wire import MAX_TOTAL
+from ticker.shell.mqtt import BrokerSettings, Topics, watch
+from ticker.core.wire import MAX_TOTAL
 
 ALIVE_FOR = 10.0  # a shard whose live totals we saw this recently is running
 

@@ -35,7 +35,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from ticker.dimensions import BEIJING, Window
+from ticker.core.dimensions import BEIJING, Window
 
 from .curve import MINUTES_PER_DAY, allocate, intraday_shape, minute_weights
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import orjson
 
-from ticker.wire import FLAG_SENT_AT, MAGIC, VERSION, OrderBatch, encode
+from ticker.core.wire import FLAG_SENT_AT, MAGIC, VERSION, OrderBatch, encode
 
 from .scenario import Scenario
 

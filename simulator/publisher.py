@@ -32,12 +32,12 @@ from typing import Protocol
 
 import orjson
 
-from ticker.control import Answer, Command, ControlError, FailureLimiter, Verifier, minute_of, \
-    nonce_of, sign, sign_answer
-from ticker.logthrottle import LogThrottle
-from ticker.dimensions import Window
-from ticker.mqtt import ReliablePublisher, Topics
-from ticker.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
+from ticker.core.control import Answer, Command, ControlError, FailureLimiter, Verifier, \
+    minute_of, nonce_of, sign, sign_answer
+from ticker.core.logthrottle import LogThrottle
+from ticker.core.dimensions import Window
+from ticker.shell.mqtt import ReliablePublisher, Topics
+from ticker.core.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
 from .flow import FlowControl, ShardForgot, Verdict
 from .playback import PlaybackClock

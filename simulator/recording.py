@@ -16,9 +16,9 @@ from typing import BinaryIO
 
 import orjson
 
-from ticker.dimensions import Window
-from ticker.state import Watermarks
-from ticker.wire import BatchError, ChatbotCount, Limits, OrderBatch, decode, decode_chatbot
+from ticker.core.dimensions import Window
+from ticker.core.sequence import Watermarks
+from ticker.core.wire import BatchError, ChatbotCount, Limits, OrderBatch, decode, decode_chatbot
 
 from .curve_csv import MAX_MINUTES
 

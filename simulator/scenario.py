@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from ticker.dimensions import Window
+from ticker.core.dimensions import Window
 
 from .catalog import Catalog, build_catalog
 from .curve import allocate

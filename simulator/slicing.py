@@ -25,7 +25,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
-from ticker.wire import MAX_CHATBOT_QUERIES, ChatbotCount, OrderBatch, minute_runs
+from ticker.core.wire import MAX_CHATBOT_QUERIES, ChatbotCount, OrderBatch, minute_runs
 
 SLICES_PER_WALL_SECOND = 4
 MAX_SLICES = 240  # a quarter of a simulated second: --speed 1 gives 4 publishes a second

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ticker.mqtt import BrokerSettings
+from ticker.shell.mqtt import BrokerSettings
 
 from .conftest import MOSQUITTO, free_port, wait_for_port
 

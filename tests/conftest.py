@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 
-from ticker.dimensions import FESTIVAL_2020
-from ticker.aggregator import Aggregator
-from ticker.mqtt import BrokerSettings, Topics, watch_totals
-from ticker.server import TickerServer
-from ticker.state import AggregateState
-from ticker.wire import Limits
+from ticker.core.dimensions import FESTIVAL_2020
+from ticker.shell.aggregator import Aggregator
+from ticker.shell.mqtt import BrokerSettings, Topics, watch_totals
+from ticker.shell.server import TickerServer
+from ticker.core.state import AggregateState
+from ticker.core.wire import Limits
 
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 

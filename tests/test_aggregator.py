@@ -14,11 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ticker.aggregator import Aggregator
-from ticker.control import Command, sign
-from ticker.dimensions import FESTIVAL_2020
-from ticker.mqtt import BrokerSettings, ReliablePublisher, Topics, connect
-from ticker.wire import MAX_TOTAL, ChatbotCount, OrderBatch, decode, encode, encode_chatbot
+from ticker.shell.aggregator import Aggregator
+from ticker.core.control import Command, sign
+from ticker.core.dimensions import FESTIVAL_2020
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, connect
+from ticker.core.wire import MAX_TOTAL, ChatbotCount, OrderBatch, decode, encode, encode_chatbot
 
 from .conftest import festival_limits
 from .test_cli import GMV
@@ -293,7 +293,7 @@ async def test_gmv_aggregate_takes_the_big_brand_line_and_reports_the_screen_fig
     """`gmv aggregate --big-brand-cents` sets the line; its totals carry the count of brands
     above it, when each crossed, its top brands, orders per minute and the curve buckets, and
     they pass the server's schema."""
-    from ticker.feed import parse_totals
+    from ticker.core.feed import parse_totals
 
     args = GMV + ["aggregate", "--broker", mosquitto.url, "--prefix", topics.prefix,
                   "--no-checkpoint", "--big-brand-cents", "300"]

@@ -11,8 +11,8 @@ import pytest
 
 from simulator.loadgen import build_pool, deadlines, festival_rates
 from simulator.scenario import scenario_for_year
-from ticker.cli import main
-from ticker.wire import decode
+from gmv.cli import main
+from ticker.core.wire import decode
 
 from .conftest import festival_limits
 from .test_security import mosquitto_with

@@ -16,7 +16,7 @@ import pytest
 
 from simulator.publisher import publish_scenario
 from simulator.scenario import scenario_for_year
-from ticker.mqtt import ReliablePublisher
+from ticker.shell.mqtt import ReliablePublisher
 
 from .conftest import running_pipeline
 
@@ -78,7 +78,7 @@ async def test_page_reconnects_after_the_server_restarts(mosquitto, topics, page
     await playwright.expect(status).to_have_attribute("data-state", "reconnecting",
                                                       timeout=10_000)
     # A new server on the same port: the page must find it without a reload.
-    from ticker.server import TickerServer
+    from ticker.shell.server import TickerServer
     server = TickerServer()
     ws_server = await server.serve("127.0.0.1", port)
     try:
@@ -92,7 +92,7 @@ async def test_page_reconnects_after_the_server_restarts(mosquitto, topics, page
 @contextlib.contextmanager
 def demo_process(*options: str):
     """`gmv demo` as a process; yields (url, operator token) from what it prints."""
-    proc = subprocess.Popen([sys.executable, "-m", "ticker.cli", "demo", "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "gmv.cli", "demo", "--port", "0",
                              *options], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     try:

@@ -18,10 +18,10 @@ import numpy as np
 import orjson
 import pytest
 
-from ticker import checkpoint
-from ticker.errors import ConfigError
-from ticker.state import AggregateState
-from ticker.wire import Limits
+from ticker.shell import checkpoint
+from ticker.core.errors import ConfigError
+from ticker.core.state import AggregateState
+from ticker.core.wire import Limits
 
 from .test_state import LIMITS, batch
 
@@ -257,7 +257,7 @@ def test_an_unreadable_checkpoint_is_refused_by_load_and_prepare(tmp_path):
     path.chmod(0)
     printed = run_python(
         "import sys; from pathlib import Path\n"
-        "from ticker import checkpoint; from ticker.errors import ConfigError\n"
+        "from ticker.shell import checkpoint; from ticker.core.errors import ConfigError\n"
         "from tests.test_state import LIMITS\n"
         "for check in (lambda p: checkpoint.load(p, LIMITS), checkpoint.prepare):\n"
         "    try: check(Path(sys.argv[1]))\n"
@@ -333,7 +333,7 @@ def test_save_past_the_file_size_limit_raises_one_line_and_leaves_no_temp_file(t
     before = path.read_bytes()
     printed = run_python(
         "import resource, sys; from pathlib import Path\n"
-        "from ticker import checkpoint; from ticker.errors import ConfigError\n"
+        "from ticker.shell import checkpoint; from ticker.core.errors import ConfigError\n"
         "resource.setrlimit(resource.RLIMIT_FSIZE, (10_000, 10_000))\n"
         "try: checkpoint.save(Path(sys.argv[1]), bytes(100_000))\n"
         "except ConfigError as exc: print(exc)\n", str(path))
@@ -353,7 +353,7 @@ def test_a_second_holder_of_the_lock_fails_at_once_naming_the_first(tmp_path):
     path = tmp_path / "agg.ckpt"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; from pathlib import Path; from ticker import checkpoint\n"
+         "import sys; from pathlib import Path; from ticker.shell import checkpoint\n"
          "with checkpoint.lock(Path(sys.argv[1])):\n"
          "    print('locked', flush=True); sys.stdin.read()\n", str(path)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)

@@ -14,11 +14,11 @@ import urllib.request
 import orjson
 import pytest
 
-from ticker.cli import main
+from gmv.cli import main
 
 from .conftest import free_port, wait_for_port
 
-GMV = [sys.executable, "-m", "ticker.cli"]
+GMV = [sys.executable, "-m", "gmv.cli"]
 TOTAL = 7_410_000_000_000
 
 
@@ -109,7 +109,7 @@ def test_sigterm_stops_the_aggregator_cleanly_with_a_final_checkpoint(mosquitto,
                                                                       tmp_path):
     """`docker stop` (SIGTERM) ends `gmv aggregate` with exit 0 and its totals on disk."""
     from simulator.scenario import scenario_for_year
-    from ticker import checkpoint
+    from ticker.shell import checkpoint
 
     from .conftest import festival_limits
     path = tmp_path / "agg.ckpt"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import yaml
 
-from ticker.cli import build_parser
+from gmv.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -1,4 +1,4 @@
-"""Replay control (ticker/control.py): signed commands, their verifier and the wrong-token
+"""Replay control (ticker/core/control.py): signed commands, their verifier and the wrong-token
 limiter, fed literal values and times."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticker.control import Answer, Command, ControlError, FailureLimiter, Verifier, nonce_of, \
+from ticker.core.control import Answer, Command, ControlError, FailureLimiter, Verifier, nonce_of, \
     parse_command, read_answer, sign, sign_answer
 
 KEY = "s3cret-token"

@@ -10,7 +10,7 @@ import pytest
 
 from simulator.curve_csv import CurveFileError, parse_curve, read_curve
 from simulator.scenario import scenario_for_year
-from ticker.dimensions import BEIJING
+from ticker.core.dimensions import BEIJING
 
 
 def write(tmp_path, text: str):

@@ -1,4 +1,4 @@
-"""Tests for ticker.embedded_broker: real sockets, real aiomqtt (paho) clients, no mocks."""
+"""Tests for ticker.shell.embedded_broker: real sockets, real aiomqtt (paho) clients, no mocks."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import aiomqtt
 import pytest
 
-from ticker.embedded_broker import EmbeddedBroker
+from ticker.shell.embedded_broker import EmbeddedBroker
 
 WAIT = 5.0  # upper bound for any single wait in these tests
 

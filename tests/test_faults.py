@@ -38,16 +38,16 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 
 from simulator.publisher import publish_scenario
 from simulator.scenario import scenario_for_year
-from ticker import checkpoint
-from ticker.mqtt import BrokerSettings, ReliablePublisher, Topics, connect
-from ticker.server import TickerServer
-from ticker.wire import OrderBatch, encode
+from ticker.shell import checkpoint
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, connect
+from ticker.shell.server import TickerServer
+from ticker.core.wire import OrderBatch, encode
 
 from .brokers import MosquittoProcess, database_size, mosquitto_process
 from .conftest import festival_limits, free_port, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
-GMV = [sys.executable, "-m", "ticker.cli"]
+GMV = [sys.executable, "-m", "gmv.cli"]
 TOTAL = 7_410_000_000_000
 LAST_MINUTE = 15_839
 # At --order-scale 0.0001 every minute of the 15,840 fits one batch: used only to pick

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticker.dimensions import FESTIVAL_2020
-from ticker.feed import Comparison, Feed, MessageError, UnknownShard, merge_shards, \
+from ticker.core.dimensions import FESTIVAL_2020
+from ticker.core.feed import Comparison, Feed, MessageError, UnknownShard, merge_shards, \
     parse_replay, parse_totals
 
 
@@ -90,7 +90,7 @@ def test_passing_last_years_total_is_placed_on_its_exact_minute():
     import numpy as np
 
     from simulator.scenario import scenario_for_year
-    from ticker.app import comparison_for
+    from gmv.app import comparison_for
 
     gmv = scenario_for_year(2020).minute_gmv_cents
     cumulative = np.cumsum(gmv)
@@ -415,8 +415,8 @@ def replay_into(feed: Feed, shards: int, every, n_brands: int = 1500, per_minute
     max-speed replay does. The states, for checks."""
     import numpy as np
 
-    from ticker.state import AggregateState
-    from ticker.wire import Limits, OrderBatch
+    from ticker.core.state import AggregateState
+    from ticker.core.wire import Limits, OrderBatch
 
     limits = Limits(n_brands=n_brands, n_minutes=FESTIVAL_2020.minutes, n_countries=12,
                     n_platforms=3, max_batch_orders=1000, max_order_cents=10**12)
@@ -437,7 +437,7 @@ def replay_into(feed: Feed, shards: int, every, n_brands: int = 1500, per_minute
 
 
 def _2020_feed(shards: int, every) -> Feed:
-    from ticker.app import screen_data
+    from gmv.app import screen_data
 
     feed = Feed(expected_shards=shards, **screen_data(2020))
     replay_into(feed, shards, every)
@@ -605,7 +605,7 @@ def test_compare_is_meaningful_only_past_5_percent_of_last_years_total():
     percentage is not meaningful; on Nov 11 it is. Last year's curve comes per bucket."""
     import numpy as np
 
-    from ticker.app import comparison_for
+    from gmv.app import comparison_for
 
     c = comparison_for(2020)
     feed = Feed(c)
@@ -709,7 +709,7 @@ def test_big_brands_merge_only_for_one_line():
 def test_the_currency_and_rmb_milestones_use_the_festivals_rate():
     """With the festival's rate, the view states it exactly and RMB milestones are in cents
     at that rate, rounded half up."""
-    from ticker.feed import Currency
+    from ticker.core.feed import Currency
 
     feed = Feed(currency=Currency("6.723", "headline pair"))
     feed.receive(minutes_shard("0", [148_743_120_631, 1], [1, 1]))  # RMB 10B = 148,743,120,631

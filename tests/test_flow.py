@@ -18,8 +18,8 @@ from simulator.flow import AckWindow, Verdict
 from simulator.publisher import ScenarioSource
 from simulator.recording import ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
-from ticker.mqtt import Topics, connect
-from ticker.wire import ChatbotCount, encode
+from ticker.shell.mqtt import Topics, connect
+from ticker.core.wire import ChatbotCount, encode
 
 from .brokers import stock_mosquitto
 from .conftest import free_port

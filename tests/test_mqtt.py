@@ -8,7 +8,7 @@ import asyncio
 import aiomqtt
 import pytest
 
-from ticker.mqtt import Topics, _Client
+from ticker.shell.mqtt import Topics, _Client
 
 
 async def test_a_cancellation_that_lands_as_the_reply_does_is_not_swallowed():

@@ -24,11 +24,11 @@ import orjson
 import pytest
 
 from simulator.scenario import scenario_for_year
-from ticker.aggregator import Aggregator
-from ticker.dimensions import FESTIVAL_2020
-from ticker.mqtt import BrokerSettings, ReliablePublisher, Topics, watch_totals
-from ticker.server import TickerServer
-from ticker.wire import OrderBatch, encode
+from ticker.shell.aggregator import Aggregator
+from ticker.core.dimensions import FESTIVAL_2020
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, watch_totals
+from ticker.shell.server import TickerServer
+from ticker.core.wire import OrderBatch, encode
 
 from . import test_browser
 from .conftest import festival_limits
@@ -518,9 +518,9 @@ def serving_2019(broker: BrokerSettings, topics: Topics) -> Iterator[str]:
 
     port = free_port()
     args = ["--broker", broker.url, "--prefix", topics.prefix, "--scenario", "2019"]
-    procs = [subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *args,
+    procs = [subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *args,
                                "--no-checkpoint"]),
-             subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", *args,
+             subprocess.Popen([sys.executable, "-m", "gmv.cli", "serve", *args,
                                "--port", str(port)])]
     try:
         wait_for_port(port)
@@ -547,7 +547,7 @@ async def test_the_badge_follows_a_real_run_to_done_then_goes(mosquitto, topics,
         argv = ["replay", str(recording)]
     with serving_2019(mosquitto, topics) as url:
         await page.goto(url)
-        run = subprocess.Popen([sys.executable, "-m", "ticker.cli", *argv, "--broker",
+        run = subprocess.Popen([sys.executable, "-m", "gmv.cli", *argv, "--broker",
                                 mosquitto.url, "--prefix", topics.prefix, "--from",
                                 "11-11 22:00", "--speed", "2000"], stdout=subprocess.DEVNULL)
         try:

@@ -10,7 +10,7 @@ from websockets.asyncio.client import connect as ws_connect
 
 from simulator.publisher import publish_scenario
 from simulator.scenario import scenario_for_year
-from ticker.mqtt import ReliablePublisher, connect
+from ticker.shell.mqtt import ReliablePublisher, connect
 
 from .conftest import running_pipeline
 
@@ -98,7 +98,7 @@ async def test_a_max_speed_replay_shows_each_milestone_on_the_curves_exact_minut
     speed the page used to say 06:11)."""
     import numpy as np
 
-    from ticker.app import screen_data
+    from gmv.app import screen_data
 
     minutes_seen: list[int] = []
 

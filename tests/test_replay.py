@@ -20,9 +20,9 @@ from simulator.flow import FlowControl, usd
 from simulator.publisher import Replay, ScenarioSource
 from simulator.recording import CHATBOT, ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
-from ticker.control import Command, sign
-from ticker.mqtt import ReliablePublisher, watch
-from ticker.wire import ChatbotCount, encode, encode_chatbot
+from ticker.core.control import Command, sign
+from ticker.shell.mqtt import ReliablePublisher, watch
+from ticker.core.wire import ChatbotCount, encode, encode_chatbot
 
 from .conftest import running_pipeline
 from .test_cli import get_totals, wait_totals
@@ -132,7 +132,7 @@ async def test_replay_ends_on_its_absolute_schedule_despite_a_pause(mosquitto, t
     ("11-12 00:00", "outside the window"), ("noon", "expected MM-DD HH:MM")])
 def test_bad_from_names_the_option(text, message, capsys):
     """`--from` outside the window or malformed exits 2 naming --from."""
-    from ticker.cli import main
+    from gmv.cli import main
     assert main(["simulate", "--broker", "mqtt://127.0.0.1:1", "--scenario", "2019",
                  "--from", text]) == 2
     err = capsys.readouterr().err
@@ -144,14 +144,14 @@ def test_record_then_replay_the_file_gives_the_same_totals(mosquitto, topics, tm
     from .conftest import free_port, wait_for_port
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
     recording = tmp_path / "stream.gmvrec"
-    recorder = subprocess.Popen([sys.executable, "-m", "ticker.cli", "record", str(recording),
+    recorder = subprocess.Popen([sys.executable, "-m", "gmv.cli", "record", str(recording),
                                  *broker, "--scenario", "2019", "--idle-exit", "3"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    live = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+    live = subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *broker,
                              "--scenario", "2019"])  # a replay publishes only to a live one
     time.sleep(1.5)  # let them subscribe
     try:
-        out = subprocess.run([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+        out = subprocess.run([sys.executable, "-m", "gmv.cli", "simulate", *broker,
                               "--scenario", "2019", "--order-scale", "0.0001", "--json"],
                              capture_output=True, text=True, timeout=60)
     finally:
@@ -163,14 +163,14 @@ def test_record_then_replay_the_file_gives_the_same_totals(mosquitto, topics, tm
     # Replay the file into a fresh aggregator and server on another prefix.
     broker2 = ["--broker", mosquitto.url, "--prefix", topics.prefix + "/again"]
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker2,
+    procs = [subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *broker2,
                                "--scenario", "2019"]),
-             subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", *broker2,
+             subprocess.Popen([sys.executable, "-m", "gmv.cli", "serve", *broker2,
                                "--scenario", "2019", "--port", str(port)])]
     try:
         wait_for_port(port)
         time.sleep(0.5)
-        out = subprocess.run([sys.executable, "-m", "ticker.cli", "replay", str(recording),
+        out = subprocess.run([sys.executable, "-m", "gmv.cli", "replay", str(recording),
                               *broker2, "--speed", "max", "--json"],
                              capture_output=True, text=True, timeout=60)
         report = orjson.loads(out.stdout)
@@ -189,15 +189,15 @@ def test_seek_and_speed_from_the_command_line(mosquitto, topics):
     """`gmv control` moves a running `gmv simulate`: a seek to the end finishes it at once."""
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
     env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
-    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+    aggregator = subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *broker,
                                    "--scenario", "2019"], env=env)
-    sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+    sim = subprocess.Popen([sys.executable, "-m", "gmv.cli", "simulate", *broker,
                             "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1",
                             "--json"], stdout=subprocess.PIPE, text=True, env=env)
     try:
         time.sleep(2.0)
         for argv in (["speed", "max"], ["seek", "11-11 23:59"]):
-            done = subprocess.run([sys.executable, "-m", "ticker.cli", "control", *argv, *broker],
+            done = subprocess.run([sys.executable, "-m", "gmv.cli", "control", *argv, *broker],
                                   capture_output=True, text=True, timeout=30, env=env)
             assert done.returncode == 0, done.stderr
         out, _ = sim.communicate(timeout=60)
@@ -211,7 +211,7 @@ def test_seek_and_speed_from_the_command_line(mosquitto, topics):
 
 
 def gmv(*argv: str, env: dict, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "ticker.cli", *argv], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gmv.cli", *argv], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
 
@@ -221,9 +221,9 @@ def controllable_simulation(mosquitto, topics):
     yields the broker arguments and the environment holding the token."""
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
     env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
-    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+    aggregator = subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *broker,
                                    "--scenario", "2019", "--no-checkpoint"], env=env)
-    sim = subprocess.Popen([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+    sim = subprocess.Popen([sys.executable, "-m", "gmv.cli", "simulate", *broker,
                             "--scenario", "2019", "--order-scale", "0.0001", "--speed", "1"],
                            stdout=subprocess.DEVNULL, env=env)
     try:
@@ -386,7 +386,7 @@ async def test_every_kind_of_run_says_playing_then_done_and_retains_nothing(mosq
         write_recording(recording, S2019)
         argv = ["replay", str(recording), *broker]
     env = dict(os.environ, GMV_CONTROL_TOKEN=TOKEN)
-    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+    aggregator = subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *broker,
                                    "--scenario", "2019", "--no-checkpoint"], env=env)
     try:
         run = asyncio.to_thread(gmv, *argv, "--from", "11-11 20:00", "--speed", "4000",

@@ -30,13 +30,13 @@ import pytest
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosedError, InvalidStatus
 
-from ticker.cli import main
+from gmv.cli import main
 
 from .conftest import MOSQUITTO, free_port, wait_for_port
 from .test_feed import shard
 from .test_server import serving
 
-GMV = [sys.executable, "-m", "ticker.cli"]
+GMV = [sys.executable, "-m", "gmv.cli"]
 TOTAL = 7_410_000_000_000  # the 2020 scenario's GMV in cents, at any order scale
 SCALE = ["--order-scale", "0.0001"]
 SCREENS = "https://screens.example"
@@ -489,8 +489,8 @@ async def test_with_the_documented_acl_no_producer_can_touch_another_ones_batche
     victim's $74.1B count as duplicates ($0.0002 on screen). With the documented ACL, mallory,
     who may publish orders, forges sim-1's batches, announcement and acks, writes totals for
     shard 0 and a shard zz, and sends a reset: sim-1's replay still lands exact, to the cent."""
-    from ticker.mqtt import BrokerSettings, Topics, connect
-    from ticker.wire import OrderBatch, encode
+    from ticker.shell.mqtt import BrokerSettings, Topics, connect
+    from ticker.core.wire import OrderBatch, encode
     url, pw = acl_broker
     login = {user: ["--broker", url, "--username", user, "--password-file", str(path)]
              for user, path in pw.items()}

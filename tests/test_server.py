@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from ticker.control import Answer, Verifier, sign_answer
-from ticker.feed import parse_totals
-from ticker.mqtt import ReliablePublisher
-from ticker.server import FD_MARGIN, TickerServer
+from ticker.core.control import Answer, Verifier, sign_answer
+from ticker.core.feed import parse_totals
+from ticker.shell.mqtt import ReliablePublisher
+from ticker.shell.server import FD_MARGIN, TickerServer
 
 from .conftest import free_port, wait_for_port
 from .test_feed import full_totals, shard
@@ -65,7 +65,7 @@ async def test_serves_the_page_and_its_assets():
 
 
 @pytest.mark.parametrize("path", ["/nope.js", "/../pyproject.toml", "/%2e%2e/pyproject.toml",
-                                  "/ticker/server.py"])
+                                  "/ticker/shell/server.py"])
 async def test_only_files_of_web_dir_are_served(path):
     """Unknown files and paths outside web/ get 404, never a file from elsewhere."""
     async with serving() as (_, port):
@@ -234,7 +234,7 @@ def test_refused_messages_are_logged_once_per_interval_with_a_count(caplog):
     """A thousand malformed messages make one warning line, not a thousand; each unknown shard
     is named once."""
     server = TickerServer()
-    with caplog.at_level(logging.WARNING, logger="ticker.server"):
+    with caplog.at_level(logging.WARNING, logger="ticker.shell.server"):
         for i in range(1000):
             server.receive_message("gmv/v1/totals/0", b'{"gmv_cents": "lots"}', True)
             server.receive_message("gmv/v1/replay", b"nonsense", False)
@@ -375,7 +375,7 @@ async def test_past_max_viewers_a_websocket_gets_503_and_the_page_still_answers(
 def test_max_viewers_above_the_open_files_limit_is_lowered_with_a_warning(caplog):
     """max_viewers is cut to the open-files limit less a margin, and the log says so."""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-    with caplog.at_level(logging.WARNING, logger="ticker.server"):
+    with caplog.at_level(logging.WARNING, logger="ticker.shell.server"):
         server = TickerServer(max_viewers=soft + 1)
     assert server.max_viewers == soft - FD_MARGIN
     assert f"max_viewers={soft + 1}" in caplog.text and "ulimit -n" in caplog.text
@@ -384,7 +384,7 @@ def test_max_viewers_above_the_open_files_limit_is_lowered_with_a_warning(caplog
 def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one():
     """In a process started with `ulimit -Sn 256`, raise_fd_limit sets the soft limit to the
     hard one and returns both."""
-    child = ("import resource; from ticker.server import raise_fd_limit; "
+    child = ("import resource; from ticker.shell.server import raise_fd_limit; "
              "before = resource.getrlimit(resource.RLIMIT_NOFILE)[0]; "
              "print(before, *raise_fd_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[1])")
     out = subprocess.run(["bash", "-c", f'ulimit -Sn 256 && exec "$0" -c "{child}"',
@@ -478,7 +478,7 @@ async def test_wrong_tokens_are_checked_about_once_a_second(caplog):
     right token meanwhile) refused unchecked; after a second the right token works again, and
     the refusals made one log line."""
     async with controlled() as (ws, sent):
-        with caplog.at_level(logging.WARNING, logger="ticker.server"):
+        with caplog.at_level(logging.WARNING, logger="ticker.shell.server"):
             for i in range(100):
                 await ws.send(orjson.dumps({"type": "control", "token": f"guess-{i}",
                                             "cmd": "pause"}).decode())
@@ -512,7 +512,7 @@ async def test_gmv_serve_survives_malformed_and_fake_retained_totals(mosquitto, 
         await publisher.flush()
         port, log = free_port(), tmp_path / "serve.log"
         with open(log, "wb") as out:
-            serve = subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", "--broker",
+            serve = subprocess.Popen([sys.executable, "-m", "gmv.cli", "serve", "--broker",
                                       mosquitto.url, "--prefix", topics.prefix, "--port",
                                       str(port)], stderr=out)
             try:
@@ -548,7 +548,7 @@ async def test_gmv_serve_answers_past_1100_idle_websockets_under_a_1024_soft_lim
 
     def at_1024() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
-    serve = subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", "--broker",
+    serve = subprocess.Popen([sys.executable, "-m", "gmv.cli", "serve", "--broker",
                               mosquitto.url, "--prefix", topics.prefix, "--port", str(port)],
                              preexec_fn=at_1024, stderr=subprocess.PIPE, text=True)
     viewers = []
@@ -685,7 +685,7 @@ async def test_a_real_gmv_serve_beats_every_second_and_drops_a_stale_replay_stat
     frames: list[tuple[float, dict]] = []
     async with ReliablePublisher(mosquitto) as publisher:
         with open(log, "wb") as out:
-            serve = subprocess.Popen([sys.executable, "-m", "ticker.cli", "serve", "--broker",
+            serve = subprocess.Popen([sys.executable, "-m", "gmv.cli", "serve", "--broker",
                                       mosquitto.url, "--prefix", topics.prefix, "--port",
                                       str(port)], stderr=out)
             try:

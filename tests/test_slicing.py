@@ -16,9 +16,9 @@ from simulator.flow import FlowControl
 from simulator.publisher import Replay, ScenarioSource
 from simulator.scenario import scenario_for_year
 from simulator.slicing import Bulk, merge, slice_bounds, slices_per_minute
-from ticker.control import Command
-from ticker.mqtt import ReliablePublisher, watch
-from ticker.wire import ChatbotCount, OrderBatch, decode
+from ticker.core.control import Command
+from ticker.shell.mqtt import ReliablePublisher, watch
+from ticker.core.wire import ChatbotCount, OrderBatch, decode
 
 from .conftest import festival_limits, running_pipeline
 
@@ -392,7 +392,7 @@ async def test_loop_plays_the_chosen_range_again_not_the_whole_festival(mosquitt
 def test_bad_to_names_the_option_in_one_line(argv, message, capsys):
     """`--to` outside the window, malformed or before `--from` exits 2 with one line naming
     --to, before any broker is tried."""
-    from ticker.cli import main
+    from gmv.cli import main
     assert main(["simulate", "--broker", "mqtt://127.0.0.1:1", "--scenario", "2019",
                  *argv]) == 2
     err = capsys.readouterr().err
@@ -409,10 +409,10 @@ def test_simulate_from_to_publishes_up_to_the_last_minute_exactly(mosquitto, top
 
     import orjson
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
-    aggregator = subprocess.Popen([sys.executable, "-m", "ticker.cli", "aggregate", *broker,
+    aggregator = subprocess.Popen([sys.executable, "-m", "gmv.cli", "aggregate", *broker,
                                    "--scenario", "2019", "--no-checkpoint"])
     try:
-        out = subprocess.run([sys.executable, "-m", "ticker.cli", "simulate", *broker,
+        out = subprocess.run([sys.executable, "-m", "gmv.cli", "simulate", *broker,
                               "--scenario", "2019", "--order-scale", "0.0001", "--speed", "max",
                               "--from", "11-11 12:00", "--to", "11-11 12:09", "--json"],
                              capture_output=True, text=True, timeout=60, env=dict(os.environ))
@@ -428,8 +428,8 @@ def test_a_recordings_minute_is_spread_over_its_slices_in_the_order_recorded(tmp
     """A recording keeps no time within a minute: its 3 batches and count of minute 5 go
     one to a slice in 4 slices, two to a slice in 2, all in one slice at 1, in order."""
     from simulator.recording import CHATBOT, ORDERS, RecordingSource, RecordingWriter
-    from ticker.dimensions import FESTIVAL_2020
-    from ticker.wire import encode, encode_chatbot
+    from ticker.core.dimensions import FESTIVAL_2020
+    from ticker.core.wire import encode, encode_chatbot
     path = tmp_path / "minute5.gmvrec"
     with path.open("wb") as file:
         writer = RecordingWriter(file, FESTIVAL_2020, 250_000)

@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ticker.state import AggregateState, Watermarks
-from ticker.wire import MAX_SEQ, MAX_TOTAL, BatchError, Limits, OrderBatch, decode, encode
+from ticker.core.sequence import Watermarks
+from ticker.core.state import AggregateState
+from ticker.core.wire import MAX_SEQ, MAX_TOTAL, BatchError, Limits, OrderBatch, decode, encode
 
 LIMITS = Limits(n_brands=5, n_minutes=10, n_countries=3, n_platforms=2)
 
@@ -452,8 +453,8 @@ def test_the_totals_message_stays_under_the_servers_64_KiB_at_worst(minutes):
     """With every figure as long as the bounds allow (2^53 cents spread over the recent
     minutes and the curve, 1,000 crossing minutes, ten 16-digit leaders), a shard's totals
     message is under the 64 KiB the server accepts."""
-    from ticker.dimensions import FESTIVAL_2020
-    from ticker.feed import MAX_MESSAGE_BYTES, parse_totals
+    from ticker.core.dimensions import FESTIVAL_2020
+    from ticker.core.feed import MAX_MESSAGE_BYTES, parse_totals
 
     limits = Limits(n_brands=250_000, n_minutes=minutes, n_countries=12, n_platforms=3)
     state = AggregateState(limits)

@@ -1,4 +1,4 @@
-"""Wire format v1 (ticker/wire.py): literal inputs pin the codec; hypothesis fuzzes `decode`.
+"""Wire format v1 (ticker/core/wire.py): literal inputs pin the codec; hypothesis fuzzes `decode`.
 
 Every expected value here is written out by hand (or built with `struct.pack`), never derived
 from `encode`, so the tests pin the format itself rather than the codec's agreement with
@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ticker.wire import MAX_SEQ, BatchError, Limits, OrderBatch, dead_letter, decode, \
+from ticker.core.wire import MAX_SEQ, BatchError, Limits, OrderBatch, dead_letter, decode, \
     decode_announcement, encode
 
 from .conftest import festival_limits
@@ -583,7 +583,7 @@ def test_doc_binary_one_liner_builds_the_documented_hex_bytes():
 
 def test_doc_country_and_platform_tables_match_dimensions():
     """The doc's id tables list exactly dimensions.COUNTRIES and PLATFORMS, in order."""
-    from ticker.dimensions import COUNTRIES, PLATFORMS
+    from ticker.core.dimensions import COUNTRIES, PLATFORMS
     text = DOC.read_text()
     for i, (code, name) in enumerate(COUNTRIES):
         assert f"| {i} | {code} | {name} |" in text

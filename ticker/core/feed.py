@@ -23,7 +23,7 @@ from fractions import Fraction
 import numpy as np
 import orjson
 
-from .dimensions import BIG_BRAND_CENTS, COUNTRIES, MAX_CURVE_BUCKETS, PLATFORMS, \
+from ticker.core.dimensions import BIG_BRAND_CENTS, COUNTRIES, MAX_CURVE_BUCKETS, PLATFORMS, \
     curve_bucket_minutes
 
 MAX_MESSAGE_BYTES = 65_536      # a totals message is about 28 KiB (1,440 recent minutes)

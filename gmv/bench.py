@@ -33,8 +33,8 @@ from websockets.asyncio.client import connect as ws_connect
 from simulator.loadgen import build_pool, deadlines, festival_rates
 from simulator.scenario import scenario_for_year
 
-from .errors import ConfigError
-from .mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
+from ticker.core.errors import ConfigError
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
 
 BUSY_MINUTE = 15_120  # Nov 11 12:00: hundreds of thousands of orders at order scale 1
 TICKS = 1_000_000
@@ -238,7 +238,7 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
     report = Report(settings={k: v for k, v in vars(args).items() if k != "func"})
     # The bench's login and CA go to its aggregator and server too; the password through
     # the environment, as a command line shows in ps.
-    gmv = [sys.executable, "-m", "ticker.cli"]
+    gmv = [sys.executable, "-m", "gmv.cli"]
     common = ["--broker", broker.url, "--prefix", topics.prefix,
               *(["--username", broker.username] if broker.username else []),
               *(["--ca-file", broker.ca_file] if broker.ca_file else [])]

@@ -17,11 +17,11 @@ from urllib.parse import urlsplit
 
 from simulator.scenario import scenario_names
 
-from . import app
-from .dimensions import BIG_BRAND_CENTS
-from .errors import ConfigError
-from .mqtt import BrokerSettings
-from .wire import PRODUCER_ID
+from gmv import app
+from ticker.core.dimensions import BIG_BRAND_CENTS
+from ticker.core.errors import ConfigError
+from ticker.shell.mqtt import BrokerSettings
+from ticker.core.wire import PRODUCER_ID
 
 
 class _Parser(argparse.ArgumentParser):

@@ -31,13 +31,14 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from . import checkpoint
-from .control import ControlError, Verifier
-from .dimensions import BIG_BRAND_CENTS, Window
-from .logthrottle import LogThrottle
-from .mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
-from .state import AggregateState
-from .wire import BatchError, Limits, dead_letter, decode, decode_announcement, decode_chatbot
+from ticker.shell import checkpoint
+from ticker.core.control import ControlError, Verifier
+from ticker.core.dimensions import BIG_BRAND_CENTS, Window
+from ticker.core.logthrottle import LogThrottle
+from ticker.shell.mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
+from ticker.core.state import AggregateState
+from ticker.core.wire import BatchError, Limits, dead_letter, decode, decode_announcement, \
+    decode_chatbot
 
 log = logging.getLogger(__name__)
 ACK_EVERY = 32  # in memory, acks go out after this many messages, and every totals interval

@@ -40,13 +40,13 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from .control import ControlError, FailureLimiter, parse_command, read_answer, sign
-from .logthrottle import LogThrottle
-from .feed import Comparison, Currency, Feed, MessageError, UnknownShard, default_name
+from ticker.core.control import ControlError, FailureLimiter, parse_command, read_answer, sign
+from ticker.core.logthrottle import LogThrottle
+from ticker.core.feed import Comparison, Currency, Feed, MessageError, UnknownShard, default_name
 
 log = logging.getLogger(__name__)
 
-WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
 PAGE_COMMANDS = ("pause", "resume", "speed", "seek")  # not reset: that one wipes the totals
 FD_MARGIN = 64  # open files kept for the listening socket, the broker, logs, HTTP requests
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 import aiomqtt
 
-from .errors import ConfigError
+from ticker.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class Topics:
 
     @property
     def answers(self) -> str:
-        """Replays' answers to control commands (see ticker/control.py)."""
+        """Replays' answers to control commands (see ticker/core/control.py)."""
         return f"{self.prefix}/answers"
 
     def kind(self, topic: str) -> tuple[str, list[str]]:

@@ -42,10 +42,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from .errors import ConfigError
-from .dimensions import BIG_BRAND_CENTS
-from .state import AggregateState
-from .wire import Limits
+from ticker.core.errors import ConfigError
+from ticker.core.dimensions import BIG_BRAND_CENTS
+from ticker.core.state import AggregateState
+from ticker.core.wire import Limits
 
 MAGIC = b"GMVCKPT4"
 _DIGEST = 32  # SHA-256

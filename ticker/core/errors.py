@@ -1,7 +1,7 @@
 """The two kinds of error, split by whose fault it is.
 
 * `ConfigError` -- the operator gave a bad setting; the CLI prints one line and exits 2.
-* `ticker.wire.BatchError` -- a producer sent a bad batch; it is counted and dead-lettered.
+* `ticker.core.wire.BatchError` -- a producer sent a bad batch; it is counted and dead-lettered.
 """
 
 

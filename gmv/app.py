@@ -32,16 +32,16 @@ from simulator.recording import CHATBOT, ORDERS, RecordingError, RecordingSource
     RecordingWriter
 from simulator.scenario import Scenario, scenario_for_year
 
-from . import checkpoint
-from .aggregator import Aggregator
-from .control import Command, ControlError, minute_of, read_answer, sign
-from .dimensions import Window
-from .errors import ConfigError
-from .feed import Comparison, Currency
-from .mqtt import BrokerSettings, ReliablePublisher, Topics, ask, connect, watch_control, \
-    watch_totals
-from .server import TickerServer, raise_fd_limit
-from .wire import Limits
+from ticker.shell import checkpoint
+from ticker.shell.aggregator import Aggregator
+from ticker.core.control import Command, ControlError, minute_of, read_answer, sign
+from ticker.core.dimensions import Window
+from ticker.core.errors import ConfigError
+from ticker.core.feed import Comparison, Currency
+from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, ask, connect, \
+    watch_control, watch_totals
+from ticker.shell.server import TickerServer, raise_fd_limit
+from ticker.core.wire import Limits
 
 DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
 
@@ -56,7 +56,7 @@ async def run(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
     if command in ("demo", "simulate", "replay"):
         return await play(args, broker, standalone=command == "demo" or broker is None)
     if command == "bench":
-        from .bench import run_bench
+        from gmv.bench import run_bench
         return await run_bench(args, broker)
     return await {"aggregate": aggregate, "serve": serve, "record": record,
                   "control": control}[command](args, broker)
@@ -152,7 +152,7 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
     try:
         async with AsyncExitStack() as stack:
             if broker is None:
-                from .embedded_broker import EmbeddedBroker
+                from ticker.shell.embedded_broker import EmbeddedBroker
                 embedded = await stack.enter_async_context(EmbeddedBroker())
                 broker = BrokerSettings("127.0.0.1", embedded.port)
             else:

@@ -29,7 +29,7 @@ from datetime import datetime
 
 import orjson
 
-from .dimensions import Window
+from ticker.core.dimensions import Window
 
 COMMANDS = ("pause", "resume", "speed", "seek", "reset")
 MAX_COMMAND_BYTES = 4096
