@@ -15,13 +15,17 @@ import numpy as np
 MINUTES_PER_DAY = 24 * 60
 
 
+def daytime_level(hour: np.ndarray) -> np.ndarray:
+    """The day without its midnight rush: trough overnight, morning rise, evening surge."""
+    return (0.25
+            + 0.75 / (1 + np.exp(-(hour - 9.0) * 1.2))      # morning rise
+            + 0.60 * np.exp(-((hour - 21.5) / 1.8) ** 2))    # evening surge
+
+
 def intraday_shape(spike: float, *, decay_minutes: float = 9.0) -> np.ndarray:
     """Relative GMV rate for each minute of one day; `spike` scales the midnight rush."""
     hour = np.arange(MINUTES_PER_DAY) / 60.0
-    # Daytime level: trough overnight, rising through the morning, evening surge.
-    day = (0.25
-           + 0.75 / (1 + np.exp(-(hour - 9.0) * 1.2))      # morning rise
-           + 0.60 * np.exp(-((hour - 21.5) / 1.8) ** 2))    # evening surge
+    day = daytime_level(hour)
     # After the midnight rush the rate falls back to the trough by about 01:30.
     night = 0.6 * np.exp(-hour / 0.5)
     rush = spike * np.exp(-np.arange(MINUTES_PER_DAY) / decay_minutes)

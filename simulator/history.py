@@ -13,8 +13,10 @@ Strategy, per year:
   precise milestone and (end, total), so between milestones the rate is the shape's rate times
   a smooth factor, and at each milestone the curve is exact (within the minute, since weights
   are per minute). 5% of the warp is the piecewise-linear one, which keeps every minute > 0.
-- Years without milestones take the default decay and a spike giving the first-hour share
-  interpolated between the fitted years (facts 3b: 13% in 2011 rising to 34% in 2019).
+- Years without milestones are predicted by `simulator.curve_model` from what is published
+  about them (the year and the peak payment rate over the day's mean rate), with the trend of
+  its parameters fitted on the years with milestones; `leave_one_out_table` checks that trend
+  on each fitted year it did not see.
 - 2020 (Nov 1-11): Nov 11 follows 2019's fitted day, sized so that 372.3B of 498.2B is in by
   Nov 11 00:30 (G05); the quiet Nov 4-10 run at 2019's ordinary-day level implied by the +26%
   like-for-like; Nov 1-3 take the rest on an assumed split. 2021 published no milestones and
@@ -38,6 +40,7 @@ import numpy as np
 from ticker.core.dimensions import BEIJING, Window
 
 from .curve import MINUTES_PER_DAY, allocate, intraday_shape, minute_weights
+from .curve_model import Observed, Published, Trend, fit_trend, leave_one_out
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 
@@ -64,6 +67,8 @@ class Festival:
     rmb_per_usd: str                # as written in the file; exact through Fraction
     rate_basis: str
     peak_orders_per_s: int | None
+    peak_payments_per_s: Fraction | None    # facts section 2, per minute where so published
+    aov_rmb: int                    # average order value (facts section 6; 180 assumed < 2012)
     sources: tuple[str, ...]
 
     @property
@@ -177,10 +182,12 @@ def festivals() -> MappingProxyType[int, Festival]:
             start = datetime.combine(date.fromisoformat(row["window_start"]), time(), BEIJING)
             window = Window(start, int(row["window_days"]) * MINUTES_PER_DAY, row["label"])
             peak = row["peak_orders_per_s"]
+            per_s, per_min = row["peak_payments_per_s"], row["peak_payments_per_min"]
+            payments = Fraction(per_s) if per_s else Fraction(per_min) / 60 if per_min else None
             out[int(row["year"])] = Festival(
                 int(row["year"]), int(row["gmv_rmb"]), row["scope"], window,
                 row["rmb_per_usd"], row["rate_basis"], int(peak) if peak else None,
-                tuple(row["sources"].split(";")))
+                payments, int(row["aov_rmb"]), tuple(row["sources"].split(";")))
     return MappingProxyType(out)
 
 
@@ -207,6 +214,57 @@ def _published_milestones(year: int) -> tuple[Milestone, ...]:
                 row["currency"], float(rmb / scope_total), row["precise"] == "1",
                 tuple(row["sources"].split(";")), row["note"]))
     return tuple(sorted(out, key=lambda m: m.published_minutes))
+
+
+def _payments_per_order() -> tuple[float, float]:
+    """log(peak payments / peak orders) = a + b * year, over the years that publish both."""
+    both = [f for f in festivals().values() if f.peak_payments_per_s and f.peak_orders_per_s]
+    b, a = np.polyfit([f.year for f in both],
+                      [np.log(float(f.peak_payments_per_s) / f.peak_orders_per_s) for f in both], 1)
+    return float(a), float(b)
+
+
+def _peak_payments_per_s(year: int) -> float | None:
+    """Published, or the peak order rate at that year's payments per order (at most one)."""
+    fest = festivals()[year]
+    if fest.peak_payments_per_s is not None:
+        return float(fest.peak_payments_per_s)
+    if fest.peak_orders_per_s is None:
+        return None
+    a, b = _payments_per_order()
+    return fest.peak_orders_per_s * min(float(np.exp(a + b * year)), 1.0)
+
+
+@cache
+def published(year: int) -> Published:
+    """What the model predicts `year`'s day from. The peak ratio is the peak payment rate times
+    the average order over the day's mean rate; a year with no peak figure (2010, 2012, 2021)
+    takes the log-linear interpolation between the years around it."""
+    def ratio(y: int) -> float | None:
+        payments, fest = _peak_payments_per_s(y), festivals()[y]
+        return None if payments is None else payments * fest.aov_rmb * 86_400 * (
+            fest.window.minutes // MINUTES_PER_DAY) / fest.gmv_rmb
+    if (own := ratio(year)) is not None:
+        return Published(year, own)
+    known = [y for y in festival_years() if ratio(y) is not None]
+    return Published(year, float(np.exp(np.interp(year, known, [np.log(ratio(y)) for y in known]))))
+
+
+def observed() -> dict[int, Observed]:
+    """The one-day years with precise milestones, as the model is fitted to them."""
+    out = {}
+    for year in festival_years():
+        precise = [m for m in _published_milestones(year) if m.precise]
+        if precise and festivals()[year].window.minutes == MINUTES_PER_DAY:
+            out[year] = Observed(published(year), tuple(m.published_minutes for m in precise),
+                                 tuple(m.fraction for m in precise))
+    return out
+
+
+@cache
+def trend() -> Trend:
+    """The model's trend, fitted on every year with precise milestones."""
+    return fit_trend(observed())
 
 
 # --- the model ----------------------------------------------------------------------------
@@ -272,14 +330,6 @@ def _fit_shape(times: np.ndarray, fractions: np.ndarray) -> tuple[float, float]:
     return best[1], best[2]
 
 
-def _spike_for_first_hour(share: float) -> float:
-    """The spike at the default decay whose shape puts `share` of the day in its first hour."""
-    base = intraday_shape(0.0)
-    rush = intraday_shape(1.0) - base                   # the shape is linear in the spike
-    spike = (share * base.sum() - base[:60].sum()) / (rush[:60].sum() - share * rush.sum())
-    return max(float(spike), 0.0)
-
-
 def _with_model_times(milestones: tuple[Milestone, ...], c: Curve) -> tuple[Milestone, ...]:
     return tuple(replace(m, model_minutes=c.minutes_to_reach(m.fraction)) for m in milestones)
 
@@ -299,14 +349,13 @@ def _fitted_day(year: int) -> Curve:
                                  f"spike {spike:.1f}, decay {decay:.1f} min, warped through them")
 
 
-def _default_day(year: int) -> Curve:
-    fitted = [y for y in festival_years()
-              if festivals()[y].window.minutes == MINUTES_PER_DAY and _has_precise(y)]
-    shares = [curve(y).cumulative_share()[60] for y in fitted]
-    share = float(np.interp(year, fitted, shares))     # clamped outside the fitted years
-    spike = _spike_for_first_hour(share)
-    return _curve(year, intraday_shape(spike), f"no precise milestones: default shape, spike "
-                                               f"{spike:.1f} for a first-hour share of {share:.1%}")
+def _predicted_day(year: int) -> Curve:
+    shape, ratio, (low, high) = trend().predict(published(year)), published(year).peak_ratio, \
+        trend().peak_ratios
+    clamped = f" (outside the fitted {low:.1f}-{high:.1f}: as {high:.1f})" if ratio > high else (
+        f" (outside the fitted {low:.1f}-{high:.1f}: as {low:.1f})" if ratio < low else "")
+    return _curve(year, shape.minute_weights(), f"no precise milestones: predicted from peak "
+                  f"ratio {ratio:.1f}{clamped}, first hour {shape.share_by(60.0):.1%}")
 
 
 def _eleven_days(year: int) -> Curve:
@@ -348,7 +397,7 @@ def curve(year: int) -> Curve:
         raise ValueError(f"year={year}: no festival data (have {festival_years()})")
     if festivals()[year].window.minutes != MINUTES_PER_DAY:
         return _eleven_days(year)
-    return _fitted_day(year) if _has_precise(year) else _default_day(year)
+    return _fitted_day(year) if _has_precise(year) else _predicted_day(year)
 
 
 @cache
@@ -383,4 +432,18 @@ def milestone_table() -> list[dict]:
                     "within_tolerance": bool(m.within_tolerance),
                     "note": m.note, "sources": m.sources,
                 })
+    return rows
+
+
+def leave_one_out_table() -> list[dict]:
+    """Each fitted year's precise milestones as predicted without them: elapsed-time ratios."""
+    predicted = leave_one_out(observed())
+    rows = []
+    for year, minutes in predicted.items():
+        precise = [m for m in _published_milestones(year) if m.precise]
+        for m, at in zip(precise, minutes):
+            rows.append({"year": year, "amount": m.amount, "currency": m.currency,
+                         "published": m.published,
+                         "predicted": m.published + timedelta(minutes=at - m.published_minutes),
+                         "ratio": float(at / m.published_minutes), "note": m.note})
     return rows

@@ -131,16 +131,10 @@ class Scenario:
                                self.catalog.debut_order[start:stop])
 
 
-# Average order value in RMB (facts section 6: GMV / Cainiao delivery orders; 2012-2020).
-# Before 2012 no order counts are published: 180, the 2012 figure, is assumed.
-AOV_RMB = {2012: 180, 2013: 204, 2014: 205, 2015: 195, 2016: 184, 2017: 207, 2018: 205,
-           2019: 208, 2020: 215, 2021: 215}
-
-
 def scenario_for_year(year: int, **changes) -> Scenario:
     """The festival of `year` with its curve; 2020 with every figure the release gives."""
     fest = festivals()[year]
-    aov = round(AOV_RMB.get(year, 180) * 100 / float(fest.rmb_per_usd))
+    aov = round(fest.aov_rmb * 100 / float(fest.rmb_per_usd))  # data/festivals.csv's aov_rmb
     c = curve(year)
     extra: dict = {}
     if year == 2020:
