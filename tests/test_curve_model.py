@@ -102,3 +102,13 @@ def test_docs_leave_one_out_table_is_up_to_date():
     doc = (ROOT / "docs" / "curves.md").read_text(encoding="utf-8")
     assert load_script().render_loo() in doc, \
         "run: .venv/bin/python scripts/milestone_table.py --write"
+
+
+@pytest.mark.parametrize("year", (2015, 2016, 2017))
+def test_predicted_busiest_minute_matches_the_published_payment_peak(year):
+    """A predicted year's busiest minute, in orders a second at its average order, is within a
+    factor of 1.5 of its published peak payments a second (85,900, 120,000 and 256,000)."""
+    f = festivals()[year]
+    w = curve(year).minute_weights
+    per_second = w.max() / w.sum() * f.gmv_rmb / f.aov_rmb / 60
+    assert 1 / 1.5 < per_second / float(f.peak_payments_per_s) < 1.5
