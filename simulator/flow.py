@@ -21,8 +21,10 @@ from dataclasses import dataclass
 
 import orjson
 
-from ticker.shell.mqtt import BrokerSettings, Topics, watch
+from ticker.core.errors import ConfigError
+from ticker.core.partitions import MAX_PARTITIONS
 from ticker.core.wire import MAX_TOTAL
+from ticker.shell.mqtt import BrokerSettings, Topics, watch
 
 ALIVE_FOR = 10.0  # a shard whose live totals we saw this recently is running
 
@@ -93,105 +95,181 @@ def usd(cents: int) -> str:
     return f"{sign}${cents // 100:,}.{cents % 100:02d}"
 
 
-def _state_in(totals: bytes) -> str | None:
-    try:
-        state = orjson.loads(totals).get("state")
-    except (orjson.JSONDecodeError, AttributeError):
-        return None
-    return state if isinstance(state, str) else None
+@dataclass(frozen=True)
+class ShardLayout:
+    """What a shard's live totals say of it: its state id and which partitions it owns."""
+
+    state: str | None
+    partitions: int | None  # None: a shard from before partitions, which takes every batch
+    owned: frozenset[int] | None
+
+    @classmethod
+    def parse(cls, totals: bytes) -> ShardLayout:
+        try:
+            doc = orjson.loads(totals)
+        except orjson.JSONDecodeError:
+            doc = None
+        if not isinstance(doc, dict):
+            return cls(None, None, None)
+        state, partitions, owned = doc.get("state"), doc.get("partitions"), doc.get("owned")
+        if type(partitions) is not int or not 0 < partitions <= MAX_PARTITIONS \
+                or not isinstance(owned, list) or len(owned) > partitions \
+                or any(type(q) is not int or not 0 <= q < partitions for q in owned):
+            partitions, owned = None, None
+        return cls(state if isinstance(state, str) else None, partitions,
+                   None if owned is None else frozenset(owned))
+
+    def owns(self, partition: int) -> bool:
+        return self.owned is None or partition in self.owned
 
 
 class AckWindow:
-    """What the shards have applied of one producer's sequence, from their messages."""
+    """What the shards have applied of one producer's streams (one per brand partition: the
+    producer's sequence on that partition), from their messages. Each shard's session queues
+    the streams of the partitions it owns, so the window bounds, per shard, the messages it
+    has not applied over all of them."""
 
     def __init__(self, topics: Topics, producer: str, window: int) -> None:
         if window <= 0:
             raise ValueError(f"window={window}: must be positive")
         self.topics, self.producer, self.window = topics, producer, window
-        self.acks: dict[str, ShardAck] = {}
+        self.acks: dict[tuple[str, int], ShardAck] = {}  # (shard, partition) -> its ack
         self.alive_at: dict[str, float] = {}
-        self.state_of: dict[str, str] = {}  # each running shard's state id, from its totals
-        self.heard: set[str] = set()  # shards that acknowledged us since `begin`
-        self.forgot: set[str] = set()  # of those, shards now running another state
-        self.start_seq = 0
+        self.layout: dict[str, ShardLayout] = {}  # each running shard's, from its totals
+        self.heard: set[tuple[str, int]] = set()  # streams acknowledged since `begin`
+        self.forgot: set[str] = set()  # shards that acked us in this run, now another state
+        self.start_seqs = [0]  # per partition: where this pass begins
+        self.next_seqs = [0]  # per partition: the next seq the producer will publish
         self.baseline = (0, 0)  # (orders, cents) the shards held for us before this pass
+
+    @property
+    def partitions(self) -> int:
+        return len(self.start_seqs)
 
     def receive(self, topic: str, payload: bytes, retained: bool, now: float) -> None:
         kind, rest = self.topics.kind(topic)
         if len(rest) == 1 and kind == "totals" and not retained:
             shard = rest[0]
             self.alive_at[shard] = now
-            state = _state_in(payload)
-            if state is not None:
-                self.state_of[shard] = state
-                self._compare(shard)
-        elif kind == "acks" and rest[1:] == [self.producer]:
+            self.layout[shard] = ShardLayout.parse(payload)
+            for stream in [key for key in self.acks if key[0] == shard]:
+                self._compare(stream)
+        elif kind == "acks" and len(rest) in (2, 3) and rest[1] == self.producer:
+            partition = 0 if len(rest) == 2 else _partition(rest[2])
             ack = ShardAck.parse(payload)
-            if ack is not None:
-                self.acks[rest[0]] = ack
+            if ack is not None and partition is not None:
+                stream = (rest[0], partition)
+                self.acks[stream] = ack
                 if not retained:
                     self.alive_at[rest[0]] = now
-                    self.heard.add(rest[0])
-                self._compare(rest[0])
+                    self.heard.add(stream)
+                self._compare(stream)
 
-    def _compare(self, shard: str) -> None:
+    def _compare(self, stream: tuple[str, int]) -> None:
         """A shard's ack from another state than the one it runs: from this run, it forgot us;
         from before (a retained copy), it simply does not know us."""
-        ack, state = self.acks.get(shard), self.state_of.get(shard)
-        if ack is None or state is None or ack.state == state:
+        ack, layout = self.acks.get(stream), self.layout.get(stream[0])
+        if ack is None or layout is None or layout.state is None or ack.state == layout.state:
             return
-        if shard in self.heard:
-            self.forgot.add(shard)
+        if stream in self.heard:
+            self.forgot.add(stream[0])
         else:
-            del self.acks[shard]
+            del self.acks[stream]
 
-    def shards(self, now: float) -> set[str]:
-        """The shards to wait for: every one running, and every one that ever acknowledged us
-        (its session may hold our messages while it is away)."""
-        return {s for s, at in self.alive_at.items() if now - at <= ALIVE_FOR} | set(self.acks)
+    def running(self, now: float) -> set[str]:
+        return {s for s, at in self.alive_at.items() if now - at <= ALIVE_FOR}
 
-    def begin(self) -> None:
+    def shards(self, now: float, partition: int | None = None) -> set[str]:
+        """The shards to wait for (on `partition`, or any): every one running that owns it,
+        and every one that ever acknowledged us on it (its session may hold our messages
+        while it is away)."""
+        return {s for s in self.running(now) if partition is None or self._owns(s, partition)} \
+            | {s for s, q in self.acks if partition is None or q == partition}
+
+    def _owns(self, shard: str, partition: int) -> bool:
+        layout = self.layout.get(shard)
+        return layout is None or layout.owns(partition)
+
+    def layouts(self, now: float) -> dict[str, int]:
+        """Each running shard's partition count, for those that say it."""
+        return {s: n for s in self.running(now)
+                if (n := self.layout[s].partitions if s in self.layout else None) is not None}
+
+    def unowned(self, now: float) -> list[int]:
+        """The partitions no running shard owns."""
+        running = self.running(now)
+        return [p for p in range(self.partitions)
+                if not any(self._owns(s, p) for s in running)]
+
+    def begin(self, partitions: int | None = None) -> None:
         """Start a pass where the shards' record of us ends, so a producer id used before
-        continues its sequence instead of having its messages dropped as duplicates."""
-        self.start_seq = max((a.max_seen + 1 for a in self.acks.values()), default=0)
+        continues its sequences instead of having its messages dropped as duplicates."""
+        n = self.partitions if partitions is None else partitions
+        self.start_seqs = [max((a.max_seen + 1 for (_, q), a in self.acks.items() if q == p),
+                               default=0) for p in range(n)]
+        self.next_seqs = list(self.start_seqs)
         self.baseline = self.applied_totals()
 
-    def applied(self, now: float) -> int | None:
-        """The lowest next_seq among the shards to wait for; None if there is none."""
-        shards = self.shards(now)
+    def applied_by(self, shard: str, partition: int) -> int:
+        ack = self.acks.get((shard, partition))
+        return ack.next_seq if ack is not None else self.start_seqs[partition]
+
+    def applied(self, now: float, partition: int = 0) -> int | None:
+        """The lowest next_seq on `partition` among the shards to wait for; None if none."""
+        shards = self.shards(now, partition)
         if not shards:
             return None
-        return min(self.acks[s].next_seq if s in self.acks else self.start_seq for s in shards)
+        return min(self.applied_by(s, partition) for s in shards)
 
-    def room(self, seq: int, now: float) -> bool:
-        applied = self.applied(now)
-        return applied is not None and seq - applied < self.window
+    def room(self, seq: int, now: float, partition: int = 0) -> bool:
+        """May `seq` of `partition` be published: is every shard that takes it fewer than
+        `window` messages behind, over all the partitions it owns?"""
+        self.next_seqs[partition] = max(self.next_seqs[partition], seq)
+        shards = self.shards(now, partition)
+        return bool(shards) and all(self._behind(s, now) < self.window for s in shards)
+
+    def _behind(self, shard: str, now: float) -> int:
+        return sum(self.next_seqs[p] - self.applied_by(shard, p)
+                   for p in range(self.partitions) if shard in self.shards(now, p))
 
     def applied_totals(self) -> tuple[int, int]:
         return (sum(a.orders for a in self.acks.values()),
                 sum(a.gmv_cents for a in self.acks.values()))
 
     def resets(self) -> dict[str, int]:
-        return {s: a.resets for s, a in self.acks.items()}
+        resets: dict[str, int] = {}
+        for (shard, _), a in self.acks.items():
+            resets[shard] = max(resets.get(shard, 0), a.resets)
+        return resets
 
-    def verdict(self, end_seq: int, orders: int, cents: int, now: float) -> Verdict:
-        """`end_seq`: one past the last seq published; `orders`, `cents`: this pass's."""
-        applied = self.applied(now)
+    def verdict(self, end_seqs: list[int], orders: int, cents: int, now: float) -> Verdict:
+        """`end_seqs`: per partition, one past the last seq published; `orders`, `cents`:
+        this pass's."""
+        unapplied = 0
+        for p, end in enumerate(end_seqs):
+            applied = self.applied(now, p)
+            unapplied += max(end - (self.start_seqs[p] if applied is None else applied), 0)
         totals = self.applied_totals()
         return Verdict(self.producer, orders, cents, totals[0] - self.baseline[0],
-                       totals[1] - self.baseline[1],
-                       max(end_seq - (self.start_seq if applied is None else applied), 0),
-                       len(self.shards(now)))
+                       totals[1] - self.baseline[1], unapplied, len(self.shards(now)))
+
+
+def _partition(level: str) -> int | None:
+    return int(level) if level.isdecimal() and level.isascii() and len(level) <= 4 else None
 
 
 class FlowControl:
-    """`AckWindow` fed from the broker, with waits that explain themselves."""
+    """`AckWindow` fed from the broker, with waits that explain themselves. `partitions`: how
+    many brand partitions the producer splits into; None: as many as the running shards
+    have (one if none says)."""
 
     def __init__(self, broker: BrokerSettings, topics: Topics, producer: str, *,
-                 window: int = 200, say: Callable[[str], None] = print,
-                 patience: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 window: int = 200, partitions: int | None = None,
+                 say: Callable[[str], None] = print, patience: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.broker, self.topics, self.say, self.patience = broker, topics, say, patience
         self.acks = AckWindow(topics, producer, window)
+        self.partitions = partitions
         self._now = clock
         self._news = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -239,25 +317,48 @@ class FlowControl:
                 return False
         return True
 
-    async def start(self) -> int:
-        """Wait for a running aggregator; the first seq of this pass."""
-        await self._until(lambda: bool(self.acks.shards(self._now())), lambda: (
+    async def start(self) -> list[int]:
+        """Wait for running aggregators that own every partition; the first seq of this pass
+        on each partition."""
+        await self._until(lambda: bool(self.acks.running(self._now())), lambda: (
             f"waiting for an aggregator on {self.topics.prefix} (start `gmv aggregate --broker "
             f"{self.broker.url}`): nothing is published until one runs"))
+        self.acks.begin(self._partitions())
+        await self._until(lambda: not self.acks.unowned(self._now()), lambda: (
+            f"waiting for the shards that own partitions "
+            f"{', '.join(map(str, self.acks.unowned(self._now())))} of "
+            f"{self.acks.partitions} (start `gmv aggregate --shard K/N`)"))
         self.acks.begin()
-        return self.acks.start_seq
+        return self.acks.start_seqs
 
-    async def room(self, seq: int) -> None:
-        """Wait until message `seq` may be published."""
-        if not self.acks.room(seq, self._now()):
-            await self._until(lambda: self.acks.room(seq, self._now()), lambda: self._stalled(seq))
+    def _partitions(self) -> int:
+        """The partition count to split into: ours, which every running shard must share,
+        else theirs. A mismatch would put brands where no shard takes them."""
+        layouts = self.acks.layouts(self._now())
+        theirs = set(layouts.values())
+        if len(theirs) > 1:
+            raise ConfigError("the running shards disagree on the partitions: " + ", ".join(
+                f"shard {s} has {n}" for s, n in sorted(layouts.items())))
+        if self.partitions is not None and theirs and theirs != {self.partitions}:
+            raise ConfigError(f"--partitions={self.partitions}: the running shards split the "
+                              f"brands into {theirs.pop()} partitions")
+        return self.partitions or (theirs.pop() if theirs else 1)
 
-    async def drain(self, end_seq: int, timeout: float) -> bool:
-        """Wait until every shard has applied everything below `end_seq`; False if the shards
-        went `timeout` seconds without a word."""
-        return await self._until(
-            lambda: (self.acks.applied(self._now()) or 0) >= end_seq,
-            lambda: self._stalled(end_seq), timeout)
+    async def room(self, seq: int, partition: int = 0) -> None:
+        """Wait until message `seq` of `partition` may be published."""
+        if not self.acks.room(seq, self._now(), partition):
+            await self._until(lambda: self.acks.room(seq, self._now(), partition),
+                              lambda: self._stalled(seq, partition))
+
+    def applied(self, end_seqs: list[int]) -> bool:
+        now = self._now()
+        return all((self.acks.applied(now, p) or 0) >= end for p, end in enumerate(end_seqs))
+
+    async def drain(self, end_seqs: list[int], timeout: float) -> bool:
+        """Wait until every shard has applied everything below `end_seqs` (per partition);
+        False if the shards went `timeout` seconds without a word."""
+        return await self._until(lambda: self.applied(end_seqs),
+                                 lambda: self._stalled_at_end(end_seqs), timeout)
 
     async def reset(self, send: Callable[[], Awaitable[None]], timeout: float = 10.0) -> None:
         """Send an operator's reset and wait until every shard that knows us has obeyed."""
@@ -272,18 +373,24 @@ class FlowControl:
                      "control token?): this pass will not match")
         self.acks.begin()
 
-    def verdict(self, end_seq: int, orders: int, cents: int) -> Verdict:
-        return self.acks.verdict(end_seq, orders, cents, self._now())
+    def verdict(self, end_seqs: list[int], orders: int, cents: int) -> Verdict:
+        return self.acks.verdict(end_seqs, orders, cents, self._now())
 
-    def _stalled(self, seq: int) -> str:
+    def _stalled_at_end(self, end_seqs: list[int]) -> str:
         now = self._now()
-        behind = {s: self.acks.acks[s].next_seq if s in self.acks.acks else self.acks.start_seq
-                  for s in sorted(self.acks.shards(now))}
+        short = [p for p, end in enumerate(end_seqs) if (self.acks.applied(now, p) or 0) < end]
+        return self._stalled(end_seqs[short[0]], short[0]) if short else "waiting for acks"
+
+    def _stalled(self, seq: int, partition: int = 0) -> str:
+        now = self._now()
+        acks = self.acks
+        behind = {s: acks.applied_by(s, partition) for s in sorted(acks.shards(now, partition))}
         if not behind:
             return (f"no aggregator on {self.topics.prefix} is running: waiting for one to "
                     "come back before publishing more")
         waiting = ", ".join(f"shard {s} has applied up to seq {n:,}" for s, n in behind.items())
-        hint = "" if self.acks.acks else (
-            f" (none has acknowledged producer {self.acks.producer!r}: with a broker ACL the "
+        where = f" of partition {partition}" if acks.partitions > 1 else ""
+        hint = "" if acks.acks else (
+            f" (none has acknowledged producer {acks.producer!r}: with a broker ACL the "
             "producer id must be your MQTT user name)")
-        return f"waiting to publish seq {seq:,}: {waiting}{hint}"
+        return f"waiting to publish seq {seq:,}{where}: {waiting}{hint}"

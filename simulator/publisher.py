@@ -28,7 +28,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import orjson
 
@@ -37,6 +37,7 @@ from ticker.core.control import Answer, Command, ControlError, FailureLimiter, V
 from ticker.core.logthrottle import LogThrottle
 from ticker.core.dimensions import Window
 from ticker.shell.mqtt import ReliablePublisher, Topics
+from ticker.core.partitions import split
 from ticker.core.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
 from .flow import FlowControl, ShardForgot, Verdict
@@ -46,6 +47,7 @@ from .slicing import BULK_ORDERS, Bulk, slice_bounds, slices_per_minute
 
 log = logging.getLogger(__name__)
 Message = OrderBatch | ChatbotCount
+M = TypeVar("M", OrderBatch, ChatbotCount)
 
 
 class Source(Protocol):
@@ -121,11 +123,13 @@ class Replay:
                  control_token: str | None = None, flow: FlowControl | None = None,
                  drain_timeout: float = 60.0, say: Callable[[str], None] = print,
                  clock: Callable[[], float] = time.monotonic,
-                 bulk_orders: int | None = None) -> None:
+                 bulk_orders: int | None = None, partitions: int = 1) -> None:
         """`flow`: keep within its window of what the aggregators applied, and give each pass
         a verdict, waiting at most `drain_timeout` s of silence for the last acks.
         `loop`: play `from_minute` .. `last_minute` again and again. `bulk_orders`: orders in
-        one bulk batch when catching up (default `slicing.BULK_ORDERS` of the encoding)."""
+        one bulk batch when catching up (default `slicing.BULK_ORDERS` of the encoding).
+        `partitions`: brand partitions to split batches into, without `flow` (with it, as
+        many as the flow control settles on)."""
         self.publisher, self.source, self.topics = publisher, source, topics
         self.producer, self.binary, self.loop = producer, binary, loop
         self.control_token, self.flow, self.drain_timeout = control_token, flow, drain_timeout
@@ -135,7 +139,8 @@ class Replay:
         self.clock = PlaybackClock(clock(), speed=speed, minute=from_minute)
         self.report = PublishReport(producer)
         self.next_minute = 0
-        self.seq = 0  # the next message's sequence number (batches and chatbot counts)
+        # Per brand partition, the next message's sequence number (chatbot counts go with 0).
+        self.seqs = [0] * partitions
         self._restart_to: int | None = None  # a seek back, for the publishing loop to do
         self.first_minute = from_minute  # where a loop starts again
         self.bulk_orders = bulk_orders or BULK_ORDERS["binary" if binary else "json"]
@@ -157,7 +162,7 @@ class Replay:
     async def run(self, progress: Callable[[PublishReport], None] | None = None) \
             -> PublishReport:
         if self.flow is not None:
-            self.seq = await self.flow.start()
+            self.seqs = list(await self.flow.start())
         start = self._now()
         # Earlier versions retained their status, which then showed on later screens.
         await self.publisher.send(self.topics.replay, b"", retain=True)
@@ -167,12 +172,14 @@ class Replay:
         except ShardForgot as exc:
             self.say(str(exc))
             assert self.flow is not None
-            self.report.verdict = self.flow.verdict(self.seq, self.report.orders,
+            self.report.verdict = self.flow.verdict(self.seqs, self.report.orders,
                                                     self.report.gmv_cents)
         if self.report.verdict is not None and self.report.verdict.exact:
-            # Done for good, and all applied: clearing the announcement lets the shards forget
+            # Done for good, and all applied: clearing the announcements lets the shards forget
             # this producer, so finished runs leave no state and no retained messages behind.
-            await self.publisher.send(self.topics.producer(self.producer), b"", retain=True)
+            for partition in range(len(self.seqs)):
+                await self.publisher.send(self.topics.producer(self.producer, partition), b"",
+                                          retain=True)
             await self.publisher.flush()
         self._state = "done"
         await self._status()
@@ -278,8 +285,8 @@ class Replay:
         await self.publisher.flush()
         if self.flow is None:
             return
-        await self.flow.drain(self.seq, self.drain_timeout)
-        self.report.verdict = self.flow.verdict(self.seq, self.report.orders,
+        await self.flow.drain(self.seqs, self.drain_timeout)
+        self.report.verdict = self.flow.verdict(self.seqs, self.report.orders,
                                                 self.report.gmv_cents)
 
     async def _wait(self, seconds: float) -> None:
@@ -291,29 +298,39 @@ class Replay:
 
     async def _send_all(self, messages: list[Message]) -> None:
         for message in messages:
-            if self.flow is not None:
-                await self.flow.room(self.seq)
-            message = dataclasses.replace(message, producer=self.producer, seq=self.seq)
-            self.seq += 1
             if isinstance(message, ChatbotCount):
+                count = await self._numbered(message, 0)
                 await self.publisher.send(self.topics.chatbot(self.producer),
-                                          encode_chatbot(message))
-                self.report.chatbot_queries += message.queries
+                                          encode_chatbot(count))
+                self.report.chatbot_queries += count.queries
                 continue
-            await self.publisher.send(self.topics.orders(self.producer),
-                                      encode(message, binary=self.binary))
-            self.report.gmv_cents += message.gmv_cents
-            self.report.orders += len(message)
-            self.report.batches += 1
+            for partition, part in split(message, len(self.seqs)):
+                batch = await self._numbered(part, partition)
+                await self.publisher.send(self.topics.orders(self.producer, partition),
+                                          encode(batch, binary=self.binary))
+                self.report.gmv_cents += batch.gmv_cents
+                self.report.orders += len(batch)
+                self.report.batches += 1
+
+    async def _numbered(self, message: M, partition: int) -> M:
+        """The message with our producer id and the next seq of its partition's stream, once
+        the flow control has room for it."""
+        seq = self.seqs[partition]
+        if self.flow is not None:
+            await self.flow.room(seq, partition)
+        self.seqs[partition] = seq + 1
+        return dataclasses.replace(message, producer=self.producer, seq=seq)
 
     async def _announce(self) -> None:
         """Say how far we got, so a consumer can tell a lost tail from the end of the stream.
         Retained: if the broker dropped the tail for a full queue, a later (re)subscription
         still gets this and reports the missing batches as gaps."""
-        await self.publisher.send(self.topics.producer(self.producer), orjson.dumps(
-            {"v": 1, "producer": self.producer, "last_seq": self.seq - 1,
-             "batches": self.report.batches, "orders": self.report.orders,
-             "gmv_cents": self.report.gmv_cents}), retain=True)
+        for partition, seq in enumerate(self.seqs):
+            note = {"v": 1, "producer": self.producer, "partition": partition,
+                    "last_seq": seq - 1, "batches": self.report.batches,
+                    "orders": self.report.orders, "gmv_cents": self.report.gmv_cents}
+            await self.publisher.send(self.topics.producer(self.producer, partition),
+                                      orjson.dumps(note), retain=True)
 
     async def _restart(self, target: int) -> None:
         """Reset the aggregators, then catch up from the start to `target` in bulk."""

@@ -70,7 +70,7 @@ def test_a_running_shard_that_has_not_acked_yet_holds_the_window_at_the_start():
     acks.receive(*ack("0", 30), True, 0.0)
     acks.receive(T.totals("1"), b"{}", False, 0.0)
     acks.begin()
-    assert acks.start_seq == 30 and acks.applied(0.0) == 30
+    assert acks.start_seqs == [30] and acks.applied(0.0) == 30
     acks.receive(T.totals("2"), b"{}", False, 5.0)
     assert acks.shards(5.0) == {"0", "1", "2"} and acks.shards(20.0) == {"0"}
 
@@ -80,9 +80,9 @@ def test_a_known_producer_continues_its_sequence_and_is_judged_on_this_pass_only
     acks = window()
     acks.receive(*ack("0", 100, orders=40, cents=4000, max_seen=104), True, 0.0)
     acks.begin()
-    assert acks.start_seq == 105 and acks.baseline == (40, 4000)
+    assert acks.start_seqs == [105] and acks.baseline == (40, 4000)
     acks.receive(*ack("0", 110, orders=45, cents=4500, max_seen=109), False, 1.0)
-    verdict = acks.verdict(110, 5, 500, 1.0)
+    verdict = acks.verdict([110], 5, 500, 1.0)
     assert verdict.exact and (verdict.applied_orders, verdict.applied_cents) == (5, 500)
 
 
@@ -114,7 +114,7 @@ def test_a_retained_ack_from_an_older_state_is_dropped_not_a_failure():
     acks.receive(*ack("0", 500, state="old"), True, 0.0)
     acks.receive(T.totals("0"), totals("new"), False, 0.5)
     acks.begin()
-    assert acks.forgot == set() and acks.acks == {} and acks.start_seq == 0
+    assert acks.forgot == set() and acks.acks == {} and acks.start_seqs == [0]
 
 
 @pytest.mark.parametrize("payload", [b"", b"[]", b"{}", b'{"next_seq": "9"}', b"\xff",

@@ -8,8 +8,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 # What the simulator may use of ticker/: the wire contract and the MQTT adapter.
-CONTRACT = {"ticker.core.wire", "ticker.core.sequence", "ticker.core.control",
-            "ticker.core.dimensions", "ticker.core.logthrottle", "ticker.shell.mqtt"}
+CONTRACT = {"ticker.core.wire", "ticker.core.sequence", "ticker.core.partitions",
+            "ticker.core.control", "ticker.core.dimensions", "ticker.core.errors",
+            "ticker.core.logthrottle", "ticker.shell.mqtt"}
 IO_MODULES = {"asyncio", "socket", "aiomqtt", "paho", "websockets", "os", "subprocess",
               "tempfile", "pathlib", "time"}
 

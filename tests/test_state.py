@@ -219,8 +219,9 @@ def test_reset_zeroes_the_totals_but_keeps_the_sequences():
     assert not state.apply(batch(0, 1, [500], [2]))
     assert state.apply(batch(1, 1, [7], [2])) and state.gmv_cents == 7
     [ack] = state.take_acks().values()
-    assert ack == {"producer": "p", "next_seq": 2, "max_seen": 1, "gaps": 0, "orders": 1,
-                   "gmv_cents": 7, "chatbot_queries": 0, "resets": 1, "state": state.state_id}
+    assert ack == {"producer": "p", "partition": 0, "next_seq": 2, "max_seen": 1, "gaps": 0,
+                   "orders": 1, "gmv_cents": 7, "chatbot_queries": 0, "resets": 1,
+                   "state": state.state_id}
 
 
 def test_acks_name_only_the_producers_that_changed():

@@ -31,6 +31,7 @@ from collections import Counter
 import numpy as np
 
 from ticker.core.dimensions import BIG_BRAND_CENTS, curve_bucket_minutes
+from ticker.core.partitions import Shard, check_partition, stream_name, stream_of
 from ticker.core.sequence import Watermarks
 from ticker.core.wire import MAX_TOTAL, BatchError, ChatbotCount, Limits, OrderBatch
 
@@ -72,17 +73,20 @@ class AggregateState:
     """Running totals of one aggregator shard. `apply` batches, read with `snapshot`."""
 
     def __init__(self, limits: Limits, first_time: np.ndarray | None = None, *,
-                 big_brand_cents: int = BIG_BRAND_CENTS) -> None:
-        """`first_time`: optional reference data, a bool per brand id marking brands new to
-        the festival, so their active count can be shown. `big_brand_cents`: the GMV line
-        above which a brand counts as big (RMB 100M by default), and when each crossed it."""
+                 big_brand_cents: int = BIG_BRAND_CENTS, shard: Shard = Shard()) -> None:
+        """`first_time`: optional reference data, a bool per brand id marking overseas brands
+        new to the festival, so their active count can be shown (a flagged brand counts once
+        it sold from abroad in the stream; without reference data the count is None).
+        `big_brand_cents`: the GMV line above which a brand counts as big (RMB 100M by
+        default), and when each crossed it.
+        `shard`: which brand partitions this state holds."""
         if first_time is not None and first_time.shape != (limits.n_brands,):
             raise ValueError(f"first_time has shape {first_time.shape}, "
                              f"expected ({limits.n_brands},)")
         if type(big_brand_cents) is not int or not 0 < big_brand_cents <= MAX_TOTAL:
             raise ValueError(f"big_brand_cents={big_brand_cents!r}: must be a positive "
                              "integer of cents")
-        self.limits = limits
+        self.limits, self.shard = limits, shard
         self.big_brand_cents = big_brand_cents
         self.curve_bucket_minutes = curve_bucket_minutes(limits.n_minutes)
         self.first_time = first_time
@@ -127,11 +131,14 @@ class AggregateState:
             p.orders = p.gmv_cents = p.chatbot_queries = 0
             self.watermarks.changed.add(name)
 
-    def apply(self, batch: OrderBatch, now_us: int | None = None) -> bool:
-        """Add a validated batch; False (and counted) if this (producer, seq) was applied.
-        Raises BatchError, changing nothing, if a bound would be passed.
-        `now_us`: the adapter's wall clock, to measure the latency of stamped batches."""
-        if self._duplicate(batch.producer, batch.seq):
+    def apply(self, batch: OrderBatch, now_us: int | None = None, partition: int = 0) -> bool:
+        """Add a validated batch of `partition`; False (and counted) if its (stream, seq) was
+        applied. Raises BatchError, changing nothing, if a bound would be passed or the batch
+        is not of this shard's partitions. `now_us`: the adapter's wall clock, to measure
+        the latency of stamped batches."""
+        check_partition(batch, self.shard, partition)
+        stream = stream_name(batch.producer, partition)
+        if self._duplicate(stream, batch.seq):
             return False
         amount, n = batch.amount_cents, len(batch)
         batch_gmv = int(amount.sum())
@@ -166,7 +173,7 @@ class AggregateState:
         self.orders += n
         self.batches += 1
         self.latest_minute = max(self.latest_minute, batch.minute)  # the batch's latest
-        producer = self.watermarks.mark(batch.producer, batch.seq)
+        producer = self.watermarks.mark(stream, batch.seq)
         producer.orders += n
         producer.gmv_cents += batch_gmv
         if batch.sent_at_us and now_us is not None:
@@ -216,23 +223,28 @@ class AggregateState:
         return np.add.reduceat(self.gmv_by_minute[:n * width], np.arange(0, n * width, width)) \
             .tolist()
 
-    def apply_chatbot(self, event: ChatbotCount) -> bool:
-        """Add a chatbot query count; False (and counted) if its (producer, seq) was applied."""
-        if self._duplicate(event.producer, event.seq):
+    def apply_chatbot(self, event: ChatbotCount, partition: int = 0) -> bool:
+        """Add a chatbot query count of `partition`'s stream; False (and counted) if its
+        (stream, seq) was applied."""
+        if not self.shard.owns(partition):
+            raise BatchError("wrong_partition", f"partition {partition} is not one of shard "
+                                                f"{self.shard}'s {self.shard.owned}")
+        stream = stream_name(event.producer, partition)
+        if self._duplicate(stream, event.seq):
             return False
         if self.chatbot_queries + event.queries > MAX_TOTAL:
             raise BatchError("total_overflow", f"chatbot queries would pass {MAX_TOTAL}")
         self.chatbot_queries += event.queries
         self.latest_minute = max(self.latest_minute, event.minute)
-        self.watermarks.mark(event.producer, event.seq).chatbot_queries += event.queries
+        self.watermarks.mark(stream, event.seq).chatbot_queries += event.queries
         return True
 
-    def _duplicate(self, producer: str, seq: int) -> bool:
+    def _duplicate(self, stream: str, seq: int) -> bool:
         """True (and counted) if applied already; BatchError if `seq` passes a bound."""
-        if self.watermarks.seen(producer, seq):
+        if self.watermarks.seen(stream, seq):
             self.duplicates += 1
             return True
-        self.watermarks.admit(producer, seq)
+        self.watermarks.admit(stream, seq)
         return False
 
     def reject(self, reason: str) -> None:
@@ -240,14 +252,16 @@ class AggregateState:
         self.rejected[reason] += 1
 
     def take_acks(self) -> dict[str, dict[str, object] | None]:
-        """What each producer changed since the last call needs to hear: how far its sequence
+        """What each stream changed since the last call needs to hear: how far its sequence
         is applied, and what its batches added (the producer compares it with what it sent);
-        None for a retired producer, whose acknowledgement is cleared."""
+        None for a retired stream, whose acknowledgement is cleared."""
         marks = self.watermarks
         acks: dict[str, dict[str, object] | None] = dict.fromkeys(marks.retired)
         for name in sorted(marks.changed):
             p = marks.producers[name]
-            acks[name] = {"producer": name, "next_seq": p.next_seq, "max_seen": p.max_seen,
+            producer, partition = stream_of(name)
+            acks[name] = {"producer": producer, "partition": partition,
+                          "next_seq": p.next_seq, "max_seen": p.max_seen,
                           "gaps": p.missing, "orders": p.orders, "gmv_cents": p.gmv_cents,
                           "chatbot_queries": p.chatbot_queries, "resets": self.resets,
                           "state": self.state_id}
@@ -263,10 +277,18 @@ class AggregateState:
         return {**{name: getattr(self, name) for name in self._SCALARS},
                 "state_id": self.state_id, "rejected": dict(self.rejected),
                 "watermarks": self.watermarks.dump(), "big_brand_cents": self.big_brand_cents,
-                "big_brand_minutes": list(self.big_brand_minutes)}
+                "big_brand_minutes": list(self.big_brand_minutes), "shard": self._shard_key()}
+
+    def _shard_key(self) -> list[int]:
+        return [self.shard.index, self.shard.count, self.shard.partitions]
 
     def restore_scalars(self, scalars: dict) -> None:
         """The inverse of `scalars`; raises ValueError on anything it would not have written."""
+        saved = scalars.get("shard", [0, 1, 1])  # before partitions: the only shard
+        if saved != self._shard_key():
+            raise ValueError(f"saved by shard {saved[:2]} of {saved[2:]} partitions, not "
+                             f"{self._shard_key()[:2]} of {self._shard_key()[2:]}: another "
+                             "--shard or --partitions? (a shard keeps its brands for life)")
         for name in self._SCALARS:
             value = scalars[name]
             if type(value) is not int or not -1 <= value <= MAX_TOTAL:
@@ -311,7 +333,7 @@ class AggregateState:
             "brands_active": int(np.count_nonzero(self.orders_by_brand)),
             "brands_overseas_active": int(np.count_nonzero(self.brand_overseas)),
             "brands_first_time_active": (
-                int(np.count_nonzero(self.orders_by_brand[self.first_time]))
+                int(np.count_nonzero(self.brand_overseas[self.first_time]))
                 if self.first_time is not None else None),
             "chatbot_queries": self.chatbot_queries,
             "minute": minute if minute >= 0 else None,
@@ -325,6 +347,8 @@ class AggregateState:
             "gaps": min(self.watermarks.gaps, MAX_TOTAL),
             "rejected": dict(self.rejected),
             "producers": len(self.watermarks.producers),
+            "partitions": self.shard.partitions,
+            "owned": self.shard.owned,
             "state": self.state_id,
             "latency_ms": self.latency.percentiles(),
             "newest_sent_at_us": self.newest_sent_at_us,

@@ -36,11 +36,16 @@ from ticker.core.control import ControlError, Verifier
 from ticker.core.dimensions import BIG_BRAND_CENTS, Window
 from ticker.core.logthrottle import LogThrottle
 from ticker.shell.mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
+from ticker.core.partitions import Shard, stream_name
 from ticker.core.state import AggregateState
-from ticker.core.wire import BatchError, Limits, dead_letter, decode, decode_announcement, \
-    decode_chatbot
+from ticker.core.wire import BatchError, Limits, OrderBatch, dead_letter, decode, \
+    decode_announcement, decode_chatbot
 
 log = logging.getLogger(__name__)
+
+
+def _partition(level: str) -> int | None:
+    return int(level) if level.isdecimal() and level.isascii() and len(level) <= 4 else None
 ACK_EVERY = 32  # in memory, acks go out after this many messages, and every totals interval
 
 
@@ -54,7 +59,7 @@ class Handled:
 
 class Aggregator:
     def __init__(self, broker: BrokerSettings, topics: Topics, limits: Limits, window: Window,
-                 *, shard: str = "0", checkpoint_path: Path | None = None,
+                 *, shard: Shard = Shard(), checkpoint_path: Path | None = None,
                  checkpoint_interval: float = 1.0, max_unacked: int = 16,
                  totals_interval: float = 0.05, first_time: np.ndarray | None = None,
                  control_token: str | None = None,
@@ -68,10 +73,10 @@ class Aggregator:
         self.checkpoint_interval = checkpoint_interval
         self.max_unacked = max_unacked
         self.totals_interval = totals_interval
-        restored = checkpoint.load(checkpoint_path, limits, first_time,
+        restored = checkpoint.load(checkpoint_path, limits, first_time, shard=shard,
                                    big_brand_cents=big_brand_cents) if checkpoint_path else None
         self.restored = restored is not None
-        self.state = restored or AggregateState(limits, first_time,
+        self.state = restored or AggregateState(limits, first_time, shard=shard,
                                                 big_brand_cents=big_brand_cents)
         self.checkpoints = 0
         # An operator's `reset` (a replay starting again) must be signed with this token.
@@ -83,7 +88,7 @@ class Aggregator:
         self._due_acks: dict[str, dict | None] = {}  # producer -> newest ack (None: clear it)
         self._last_checkpoint = time.monotonic()
         self._checkpoint_lock = asyncio.Lock()
-        self.client_id = f"gmv-aggregator/{topics.prefix}/{shard}" if checkpoint_path \
+        self.client_id = f"gmv-aggregator/{topics.prefix}/{shard.key}" if checkpoint_path \
             else unique_client_id("gmv-aggregator")
         self._refused = LogThrottle()
 
@@ -116,7 +121,8 @@ class Aggregator:
         return Handled("ignored")
 
     def _apply(self, kind: str, rest: list[str], payload: bytes, now: float) -> Handled:
-        if len(rest) != 2 or not (rest[1].isdecimal() and rest[1].isascii()):
+        partition = _partition(rest[1]) if len(rest) == 2 else None
+        if partition is None:
             raise BatchError("bad_topic", f"publish on {self.topics.prefix}/{kind}/"
                                           "{producer}/{partition}")
         limits = self.state.limits
@@ -124,22 +130,29 @@ class Aggregator:
         if message.producer != rest[0]:
             raise BatchError("producer_mismatch", f"payload producer {message.producer!r} on "
                                                   f"the topic of {rest[0]!r}")
-        applied = self.state.apply(message, now_us=int(now * 1e6)) if kind == "orders" \
-            else self.state.apply_chatbot(message)  # type: ignore[arg-type]
+        if isinstance(message, OrderBatch):
+            applied = self.state.apply(message, now_us=int(now * 1e6), partition=partition)
+        else:
+            applied = self.state.apply_chatbot(message, partition)
         return Handled("applied" if applied else "duplicate")
 
     def _note_announcement(self, rest: list[str], payload: bytes) -> Handled:
-        """A producer's `{"producer": ..., "last_seq": N}`: lets a lost tail show as a gap."""
+        """A producer's `{"producer": ..., "last_seq": N}` on `producers/{producer}` (its
+        partition 0) or `producers/{producer}/{partition}`: lets a lost tail show as a gap."""
+        partition = 0 if len(rest) == 1 else _partition(rest[1]) if len(rest) == 2 else None
+        if partition is None or not self.state.shard.owns(partition):
+            return Handled("ignored")  # another shard's stream (or no stream at all)
+        stream = stream_name(rest[0], partition)
         if not payload:  # a producer cleared its announcement: it is done for good
-            retired = len(rest) == 1 and self.state.watermarks.retire(rest[0])
+            retired = self.state.watermarks.retire(stream)
             return Handled("retired" if retired else "ignored")
         note = decode_announcement(payload)
-        if rest != [note.producer]:
+        if rest[0] != note.producer:
             raise BatchError("producer_mismatch", f"announcement of {note.producer!r} on "
                                                   f"{'/'.join(rest)!r}")
         # Retained: an earlier run's announcement is ignored by a state that never heard of
         # its producer, so a fresh aggregator does not report its batches as gaps.
-        taken = self.state.watermarks.announce(note.producer, note.last_seq)
+        taken = self.state.watermarks.announce(stream, note.last_seq)
         return Handled("announcement" if taken else "ignored")
 
     # --- the shell -------------------------------------------------------------------------
@@ -173,21 +186,18 @@ class Aggregator:
         self._unacked = []  # the broker redelivers whatever we had not acknowledged
         # Every producer hears again where it stands: a reconnect may have lost an ack.
         self.state.watermarks.changed.update(self.state.watermarks.producers)
-        for kind in ("orders", "chatbot"):
-            await client.subscribe(f"{self.topics.prefix}/{kind}/#", qos=1)
-        await client.subscribe(self.topics.producer("+"), qos=1)
+        await self._subscribe_partitions(client)
         if self.verifier is not None:
             await client.subscribe(self.topics.control, qos=1)
         self.ready.set()
+        name = f"aggregator-{self.shard.name}"
         async with asyncio.TaskGroup() as tg:
-            tg.create_task(self._consume(client), name=f"aggregator-{self.shard}-consume")
-            tg.create_task(self._publish_totals(client), name=f"aggregator-{self.shard}-totals")
-            tg.create_task(self._send_acks(client), name=f"aggregator-{self.shard}-acks")
-            tg.create_task(self._reread_announcements(client),
-                           name=f"aggregator-{self.shard}-announcements")
+            tg.create_task(self._consume(client), name=f"{name}-consume")
+            tg.create_task(self._publish_totals(client), name=f"{name}-totals")
+            tg.create_task(self._send_acks(client), name=f"{name}-acks")
+            tg.create_task(self._reread_announcements(client), name=f"{name}-announcements")
             if self.durable:
-                tg.create_task(self._checkpoint_timer(client),
-                               name=f"aggregator-{self.shard}-checkpoints")
+                tg.create_task(self._checkpoint_timer(client), name=f"{name}-checkpoints")
 
     async def _consume(self, client) -> None:
         async for message in client.messages:
@@ -207,6 +217,23 @@ class Aggregator:
             if len(self._unacked) >= self.max_unacked or handled.outcome == "reset":
                 await self.checkpoint(client)
 
+    async def _subscribe_partitions(self, client) -> None:
+        """A lone shard takes every batch, and rejects one on a partition it does not have
+        (loudly, not lost). One of several takes only its partitions' batches, and drops a
+        subscription to all that a session kept from a lone shard's run."""
+        shard, everything = self.state.shard, [f"{self.topics.prefix}/{kind}/#"
+                                               for kind in ("orders", "chatbot")]
+        if shard.count == 1:
+            await client.subscribe([(topic, 1) for topic in everything])
+        else:
+            await client.unsubscribe(everything)
+            await client.subscribe([(f"{self.topics.prefix}/{kind}/+/{p}", 1)
+                                    for kind in ("orders", "chatbot") for p in shard.owned])
+        await client.subscribe(self._announcements())
+
+    def _announcements(self) -> list[tuple[str, int]]:
+        return [(self.topics.producer("+"), 1), (self.topics.producer("+") + "/+", 1)]
+
     async def _reset(self, client) -> None:
         """An operator's signed `reset`: the totals start again from zero. Everything before
         it is checkpointed and kept as PATH.before-reset, so a reset can be undone by hand
@@ -215,14 +242,14 @@ class Aggregator:
             await self.checkpoint(client)
             await asyncio.to_thread(checkpoint.backup, self.checkpoint_path)
         self.state.reset()
-        log.warning("shard %s: totals reset to zero by an operator's command", self.shard)
+        log.warning("shard %s: totals reset to zero by an operator's command", self.shard.name)
 
     async def _reread_announcements(self, client, every: float = 5.0) -> None:
         """Subscribing again makes the broker resend the retained announcements: one whose
         live copy a full queue dropped (with the tail it announces) still arrives."""
         while True:
             await asyncio.sleep(every)
-            await client.subscribe(self.topics.producer("+"), qos=1)
+            await client.subscribe(self._announcements())
 
     async def _checkpoint_timer(self, client) -> None:
         while True:
@@ -261,9 +288,9 @@ class Aggregator:
             self._since_acks = 0
             due, self._due_acks = self._due_acks, {}
             for producer, doc in due.items():
-                payload = b"" if doc is None else orjson.dumps({"v": 1, "shard": self.shard,
+                payload = b"" if doc is None else orjson.dumps({"v": 1, "shard": self.shard.name,
                                                                   **doc})
-                await client.publish(self.topics.acks(self.shard, producer), payload, qos=1,
+                await client.publish(self.topics.acks(self.shard.name, producer), payload, qos=1,
                                      retain=True)
 
     async def _publish_totals(self, client) -> None:
@@ -281,9 +308,9 @@ class Aggregator:
             now = time.monotonic()
             # On change, and every second regardless, so watchers can tell we are alive.
             if body != last_body or now - last_time > 1.0:
-                totals = {"v": 1, "shard": self.shard, "window": self.window.as_dict(),
+                totals = {"v": 1, "shard": self.shard.name, "window": self.window.as_dict(),
                           **snapshot}
-                await client.publish(self.topics.totals(self.shard), orjson.dumps(totals),
+                await client.publish(self.topics.totals(self.shard.name), orjson.dumps(totals),
                                      qos=1, retain=True)
                 last_body, last_time = body, now
             await asyncio.sleep(self.totals_interval)

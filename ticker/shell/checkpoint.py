@@ -44,6 +44,7 @@ import orjson
 
 from ticker.core.errors import ConfigError
 from ticker.core.dimensions import BIG_BRAND_CENTS
+from ticker.core.partitions import Shard
 from ticker.core.state import AggregateState
 from ticker.core.wire import Limits
 
@@ -84,7 +85,8 @@ def save(path: Path, data: bytes) -> None:
 
 
 def load(path: Path, limits: Limits, first_time: np.ndarray | None = None, *,
-         big_brand_cents: int = BIG_BRAND_CENTS) -> AggregateState | None:
+         big_brand_cents: int = BIG_BRAND_CENTS, shard: Shard = Shard()) \
+        -> AggregateState | None:
     """The state saved at `path`, every check passed, or None if there is no checkpoint yet.
     A checkpoint written before the big brands' crossing minutes were kept (or with another
     `big_brand_cents`) loads, each brand above the line then crossing at the latest minute."""
@@ -93,7 +95,7 @@ def load(path: Path, limits: Limits, first_time: np.ndarray | None = None, *,
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-    state = AggregateState(limits, first_time, big_brand_cents=big_brand_cents)
+    state = AggregateState(limits, first_time, big_brand_cents=big_brand_cents, shard=shard)
     try:
         _restore(state, data)
     except ValueError as exc:

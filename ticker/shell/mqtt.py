@@ -70,16 +70,18 @@ class Topics:
     def chatbot(self, producer: str, partition: int = 0) -> str:
         return f"{self.prefix}/chatbot/{producer}/{partition}"
 
-    def producer(self, producer: str) -> str:
-        """The producer's retained announcement of how far it got."""
-        return f"{self.prefix}/producers/{producer}"
+    def producer(self, producer: str, partition: int = 0) -> str:
+        """The producer's retained announcement of how far its stream on `partition` got."""
+        return f"{self.prefix}/producers/{producer}" + (f"/{partition}" if partition else "")
 
     def acks(self, shard: str, producer: str) -> str:
         """A shard's retained word to one producer: how far its sequence is applied."""
         return f"{self.prefix}/acks/{shard}/{producer}"
 
     def acks_for(self, producer: str) -> str:
-        return f"{self.prefix}/acks/+/{producer}"
+        """Every shard's acks of every stream of the producer (`#` matches its parent level:
+        partition 0's `acks/{shard}/{producer}` as well as `acks/{shard}/{producer}/{p}`)."""
+        return f"{self.prefix}/acks/+/{producer}/#"
 
     def totals(self, shard: str) -> str:
         return f"{self.prefix}/totals/{shard}"
