@@ -1,31 +1,412 @@
-"""docker-compose.yml is checked here, since this machine has no Docker engine to run it."""
+"""docker-compose.yml and deploy/ are checked here, since this machine has no Docker engine.
+
+The compose file is read as YAML and every gmv service's command goes through the real CLI
+parser; the broker's config and ACL are run on a real Mosquitto (the one of the tests).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import os
+import pwd
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
+import pytest
 import yaml
 
 from gmv.cli import build_parser
 
+from .conftest import MOSQUITTO, free_port, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+SERVICES: dict[str, dict] = COMPOSE["services"]
+HEALTHCHECK = ROOT / "deploy" / "healthcheck.py"
+MOSQUITTO_SUB = "/usr/bin/mosquitto_sub"
+MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
 
 
-def test_compose_has_broker_and_the_three_parts():
-    """The compose file runs a broker plus aggregator, ticker server and simulator."""
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
-    assert {"broker", "aggregator", "ticker", "simulator"} <= services.keys()
-    broker_conf = services["broker"]["volumes"][0].split(":")[0]
-    assert (ROOT / broker_conf).is_file()
+def gmv_services(command: str | None = None) -> dict[str, dict]:
+    """The services that run the gmv image, or those of them running `gmv COMMAND`."""
+    return {name: s for name, s in SERVICES.items() if "build" in s
+            and (command is None or s["command"][0] == command)}
 
 
-def test_every_compose_command_is_a_valid_gmv_command():
-    """Each service's command parses with the real CLI parser and points at the broker."""
-    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+def option(service: dict, name: str) -> str | None:
+    """The value of `--name` in a service's command, as written (None if absent)."""
+    command = service["command"]
+    return command[command.index(name) + 1] if name in command else None
+
+
+def secrets_of(service: dict) -> dict[str, str]:
+    """The service's secrets: their name -> the file they come from, relative to ROOT."""
+    return {name: COMPOSE["secrets"][name]["file"] for name in service.get("secrets", [])}
+
+
+def logins() -> list[str]:
+    """The MQTT users deploy/make-secrets.sh makes passwords for."""
+    script = (DEPLOY / "make-secrets.sh").read_text()
+    return re.search(r'^users="([^"]+)"', script, re.M)[1].split()
+
+
+def documented_acl() -> str:
+    """The `/etc/mosquitto/gmv.acl` block of docs/security.md, as tests/test_security.py
+    reads it."""
+    text = (ROOT / "docs" / "security.md").read_text()
+    start = text.index("```conf\n# /etc/mosquitto/gmv.acl\n") + len("```conf\n")
+    return text[start:text.index("```", start)]
+
+
+def broker_mounts() -> dict[str, str]:
+    """The broker's bind mounts: target in the container -> source, relative to ROOT."""
+    return {v["target"]: v["source"] for v in SERVICES["broker"]["volumes"]
+            if isinstance(v, dict) and v["type"] == "bind"}
+
+
+def conf_values(text: str) -> dict[str, list[str]]:
+    """Every value of each option in a Mosquitto config, in order."""
+    values: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            values.setdefault(key, []).append(value.strip())
+    return values
+
+
+# --- the services' commands -----------------------------------------------------------------
+
+def test_every_gmv_service_command_parses_with_the_real_cli():
+    """Each gmv service's command is a valid `gmv` command line (the parser of gmv/cli.py, as
+    `gmv` runs it), on the compose broker, logged in with a password file from its secrets."""
     parser = build_parser()
-    for name, service in services.items():
-        if "command" not in service:
-            continue
+    assert {s["command"][0] for s in gmv_services().values()} == \
+        {"simulate", "aggregate", "serve"}
+    for name, service in gmv_services().items():
         args = parser.parse_args(service["command"])
         assert args.broker == "mqtt://broker:1883", name
-        assert service["depends_on"][0] == "broker"
+        assert args.username in logins(), name
+        assert args.password_file == f"/run/secrets/{args.username}", name
+        assert args.username in secrets_of(service), name
+        assert args.control_token_file == "/run/secrets/control_token", name
+        assert "control_token" in secrets_of(service), name
+        assert service["image"] == "gmv-ticker:local" and service["build"] == ".", name
+
+
+def test_the_secrets_are_the_files_make_secrets_writes():
+    """Every secret comes from deploy/secrets/, which make-secrets.sh fills and git ignores."""
+    script = (DEPLOY / "make-secrets.sh").read_text()
+    for name, spec in COMPOSE["secrets"].items():
+        file = Path(spec["file"])
+        assert file.parent == Path("deploy/secrets"), name
+        assert file.name == "control.token" or file.stem in logins(), name
+    assert "secrets/control.token" in script and "secrets/passwd" in script
+    assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
+    assert "deploy/secrets" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def test_shards_cover_0_to_n_minus_1_once_and_servers_merge_all_of_them():
+    """Shard ids are 0..N-1, each once; every server's --shards is that N; the simulator
+    and every shard split the brands into the same P partitions, P >= N."""
+    shards = gmv_services("aggregate")
+    ids = [option(s, "--shard") for s in shards.values()]
+    assert all(re.fullmatch(r"\d+/\d+", i) for i in ids), ids
+    counts = {int(i.split("/")[1]) for i in ids}
+    assert len(counts) == 1, ids
+    n = counts.pop()
+    assert sorted(int(i.split("/")[0]) for i in ids) == list(range(n))
+    assert n == 3 and len(gmv_services("serve")) == 2
+    for name, server in gmv_services("serve").items():
+        assert int(option(server, "--shards")) == n, name
+    partitions = {int(option(s, "--partitions") or n) for s in shards.values()}
+    partitions |= {int(option(s, "--partitions")) for s in gmv_services("simulate").values()}
+    assert len(partitions) == 1 and partitions.pop() >= n
+
+
+def test_each_shard_logs_in_as_itself():
+    """Shard K logs in as aggregator-K, the ACL's user that may publish totals/K and acks/K."""
+    for name, service in gmv_services("aggregate").items():
+        index = option(service, "--shard").split("/")[0]
+        assert option(service, "--username") == f"aggregator-{index}", name
+
+
+def test_each_shard_has_its_own_volume_and_checkpoint():
+    """Each shard checkpoints to a path of its own on a named volume only it mounts."""
+    owners: dict[str, str] = {}
+    paths = set()
+    for name, service in gmv_services("aggregate").items():
+        checkpoint = option(service, "--checkpoint")
+        assert checkpoint and checkpoint not in paths, name
+        paths.add(checkpoint)
+        mounts = [v.split(":") for v in service["volumes"]]
+        holding = [(volume, target) for volume, target in mounts
+                   if checkpoint.startswith(target.rstrip("/") + "/")]
+        assert len(holding) == 1, f"{name}: {checkpoint} is on no volume"
+        volume = holding[0][0]
+        assert volume in COMPOSE["volumes"], name
+        assert owners.setdefault(volume, name) == name, f"{volume}: {owners[volume]}, {name}"
+        index, count = option(service, "--shard").split("/")
+        assert f"{index}-of-{count}" in checkpoint, "the file names its partitioning"
+    for name, service in SERVICES.items():
+        for mount in service.get("volumes", []):
+            volume = mount.split(":")[0] if isinstance(mount, str) else mount.get("source")
+            assert volume not in owners or owners[volume] == name, f"{name} mounts {volume}"
+
+
+def test_every_service_has_a_health_check_and_a_restart_policy():
+    """Every service has a health check; the broker, the shards and the servers restart by
+    themselves, and wait for a healthy broker; the one-shot simulator is never restarted
+    (run again, it would publish the festival again on top of the totals)."""
+    for name, service in SERVICES.items():
+        test = service["healthcheck"]["test"]
+        assert test[0] == "CMD" and len(test) > 1, name
+        restart = service["restart"]
+        if name == "simulator":
+            assert service["command"][0] == "simulate" and restart == "no"
+            assert {"broker", *gmv_services("aggregate")} == set(service["depends_on"])
+        else:
+            assert restart in ("always", "unless-stopped", "on-failure"), name
+        if name != "broker":
+            assert service["depends_on"]["broker"] == {"condition": "service_healthy"}, name
+        for condition in service.get("depends_on", {}).values():
+            assert condition == {"condition": "service_healthy"}, name
+
+
+def test_the_gmv_health_checks_ask_the_port_each_service_serves():
+    """A shard's check reads its /metrics on --metrics-port, a server's its page on --port,
+    the simulator's its broker connection; each with the script the image holds."""
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "COPY deploy/healthcheck.py deploy/healthcheck.py" in dockerfile
+    for name, service in gmv_services().items():
+        test = service["healthcheck"]["test"]
+        assert test[1:3] == ["python", "/app/deploy/healthcheck.py"], name
+        command = service["command"][0]
+        if command == "aggregate":
+            assert test[3:] == [f"http://127.0.0.1:{option(service, '--metrics-port')}/metrics"]
+        elif command == "serve":
+            port = option(service, "--port")
+            assert test[3:] == [f"http://127.0.0.1:{port}/"], name
+            assert service["ports"] == [f"127.0.0.1:{port}:{port}"], name
+        else:
+            assert test[3:] == ["--mqtt", "1883"], name
+
+
+def test_the_image_holds_every_part_and_the_reference_file():
+    """The Dockerfile copies the packages, the page and the data and installs them; the
+    --reference file the services name is in data/, which it copies to /app/data."""
+    text = (ROOT / "Dockerfile").read_text()
+    for part in ("gmv", "ticker", "simulator", "web", "data"):
+        assert re.search(rf"^COPY {part} {part}$", text, re.M), part
+    assert re.search(r"^RUN pip install .*-e \.", text, re.M)
+    assert "WORKDIR /app" in text and 'ENTRYPOINT ["gmv"]' in text
+    references = {option(s, "--reference") for s in gmv_services().values()} - {None}
+    assert len(references) == 1
+    reference = references.pop()
+    assert reference.startswith("/app/data/")
+    assert (ROOT / reference.removeprefix("/app/")).is_file(), reference
+
+
+# --- the broker -----------------------------------------------------------------------------
+
+def test_the_broker_mounts_the_config_acl_and_password_file_of_deploy():
+    """The broker's config, ACL and health-check ACL are files in deploy/, mounted where the
+    config says; the password file is the one make-secrets.sh writes; its data is a volume."""
+    mounts = broker_mounts()
+    conf_source = mounts["/mosquitto/config/mosquitto.conf"]
+    assert conf_source == "./deploy/mosquitto.conf"
+    conf = conf_values((ROOT / conf_source).read_text())
+    for target in conf["acl_file"] + conf["password_file"]:
+        source = mounts[target]
+        assert source.startswith("./deploy/"), target
+        if "/secrets/" not in source:
+            assert (ROOT / source).is_file(), source
+    assert mounts[conf["password_file"][0]] == "./deploy/secrets/passwd"
+    assert mounts[conf["acl_file"][0]] == "./deploy/gmv.acl"
+    data = [v for v in SERVICES["broker"]["volumes"] if isinstance(v, str)]
+    assert data == [f"broker-data:{conf['persistence_location'][0].rstrip('/')}"]
+    assert SERVICES["broker"]["image"] == "eclipse-mosquitto:2"
+    assert SERVICES["broker"]["ports"] == ["127.0.0.1:1884:1883"]
+
+
+def test_the_broker_queues_hold_an_outage():
+    """Persistence on, and room for what the shards take: batches in flight above every
+    shard's --max-unacked, a queue far above Mosquitto's default of 1000 (docs/reliability.md)."""
+    conf = conf_values((DEPLOY / "mosquitto.conf").read_text())
+    assert conf["persistence"] == ["true"]
+    assert int(conf["autosave_interval"][0]) <= 60
+    inflight = int(conf["max_inflight_messages"][0])
+    for name, service in gmv_services("aggregate").items():
+        assert int(option(service, "--max-unacked")) < inflight, name
+    assert int(conf["max_queued_messages"][0]) >= 100_000
+    assert int(conf["max_queued_bytes"][0]) >= 256 << 20
+    assert conf["allow_anonymous"] == ["false", "true"]  # anonymous: the loopback check only
+    assert conf["listener"] == ["1883 0.0.0.0", "1880 127.0.0.1"]
+
+
+def test_the_deployed_acl_is_the_documented_one():
+    """deploy/gmv.acl is byte for byte the ACL of docs/security.md, so the docs and the
+    deployment cannot drift; it has a user for every login of the compose file, and shard K's
+    user writes totals/K and acks/K/# only."""
+    acl = (DEPLOY / "gmv.acl").read_text()
+    assert acl == documented_acl()
+    users = re.findall(r"^user (\S+)$", acl, re.M)
+    assert set(logins()) <= set(users)
+    blocks = dict(re.findall(r"^user (\S+)\n((?:topic .*\n)+)", acl, re.M))
+    for service in gmv_services("aggregate").values():
+        index = option(service, "--shard").split("/")[0]
+        writes = re.findall(r"^topic write (\S+)$", blocks[f"aggregator-{index}"], re.M)
+        assert writes == [f"gmv/v1/totals/{index}", f"gmv/v1/acks/{index}/#",
+                          "gmv/v1/rejected/#"]
+
+
+@contextlib.contextmanager
+def deploy_broker(tmp_path: Path, passwords: dict[str, str]):
+    """Mosquitto with deploy/mosquitto.conf as compose mounts it: the container's paths
+    mapped into tmp_path, its two listeners on free ports. Yields (port, health port)."""
+    port, health = free_port(), free_port()
+    mounts = broker_mounts()
+    (tmp_path / "data").mkdir()
+    for target, source in mounts.items():
+        if target.endswith(".acl"):
+            (tmp_path / Path(target).name).write_text((ROOT / source).read_text())
+    passwd = tmp_path / "passwd"
+    passwd.write_text("".join(f"{user}:{pw}\n" for user, pw in passwords.items()))
+    subprocess.run([MOSQUITTO_PASSWD, "-U", str(passwd)], check=True, timeout=10)
+    text = (DEPLOY / "mosquitto.conf").read_text()
+    text = text.replace("/mosquitto/config/", f"{tmp_path}/").replace(
+        "/mosquitto/data/", f"{tmp_path}/data/")
+    text = text.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1").replace(
+        "listener 1880 127.0.0.1", f"listener {health} 127.0.0.1")
+    # Started as root, Mosquitto would drop to the `mosquitto` user (the image's does).
+    text += f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+    (tmp_path / "mosquitto.conf").write_text(text)
+    proc = subprocess.Popen([MOSQUITTO, "-c", str(tmp_path / "mosquitto.conf")],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port)
+        wait_for_port(health)
+        yield port, health
+    finally:
+        proc.kill()
+        output = proc.communicate(timeout=10)[0].decode(errors="replace")
+        assert "Error" not in output, output
+
+
+def mqtt(tool: str, port: int, *args: str, user: str | None = None, pw: str = "") \
+        -> subprocess.CompletedProcess:
+    login = ["-u", user, "-P", pw] if user else []
+    return subprocess.run([f"/usr/bin/mosquitto_{tool}", "-h", "127.0.0.1", "-p", str(port),
+                           *login, *args], capture_output=True, text=True, timeout=10)
+
+
+@pytest.mark.skipif(not (Path(MOSQUITTO).exists() and Path(MOSQUITTO_SUB).exists()
+                         and Path(MOSQUITTO_PASSWD).exists()), reason="needs Mosquitto")
+def test_the_deploy_broker_config_runs_on_mosquitto_with_the_logins_and_the_acl(tmp_path):
+    """deploy/mosquitto.conf starts on a real Mosquitto 2; the broker's own health check
+    passes; anonymous clients are refused on the main listener; with the ACL, shard 1's
+    login publishes totals/1 but not totals/0, and sim-1 gets partition 2's acks."""
+    passwords = {user: f"pw-{user}" for user in logins()}
+    with deploy_broker(tmp_path, passwords) as (port, health):
+        check = SERVICES["broker"]["healthcheck"]["test"][1:]
+        check = [a.replace("$$", "$") for a in check]
+        check[check.index("-p") + 1] = str(health)
+        result = subprocess.run(check, capture_output=True, text=True, timeout=10)
+        assert result.returncode == 0 and "seconds" in result.stdout, result
+        refused = mqtt("pub", port, "-t", "gmv/v1/totals/0", "-m", "{}")
+        assert refused.returncode != 0 and "not authorised" in refused.stderr.lower()
+
+        def publish(user: str, topic: str, *flags: str) -> None:
+            # A denied publish is acknowledged all the same, and dropped.
+            done = mqtt("pub", port, "-q", "1", "-t", topic, "-m", "x", *flags,
+                        user=user, pw=passwords[user])
+            assert done.returncode == 0, done
+
+        def subscriber(user: str | None, topic: str, on: int = port) -> subprocess.Popen:
+            """The first message on `topic` (exits then), or nothing within a second."""
+            login = ["-u", user, "-P", passwords[user]] if user else []
+            return subprocess.Popen([MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(on), *login,
+                                     "-t", topic, "-v", "-C", "1", "-W", "1"],
+                                    stdout=subprocess.PIPE, text=True)
+
+        # Retained, as the shards publish them; the denied one first, so it would be first.
+        publish("aggregator-1", "gmv/v1/totals/0", "-r")
+        publish("aggregator-1", "gmv/v1/totals/1", "-r")
+        publish("aggregator-1", "gmv/v1/acks/0/sim-1", "-r")
+        publish("aggregator-1", "gmv/v1/acks/1/sim-1/2", "-r")
+        publish("aggregator-0", "gmv/v1/acks/0/sim-2", "-r")
+        reads = {
+            "totals, as the servers read them": subscriber("ticker", "gmv/v1/totals/+"),
+            # What gmv simulate subscribes to: acks/+/{producer}/#, partition 0 and p > 0.
+            "sim-1's acks": subscriber("sim-1", "gmv/v1/acks/+/sim-1/#"),
+            "another producer's acks": subscriber("sim-1", "gmv/v1/acks/+/sim-2/#"),
+            "the health check's": subscriber(None, "gmv/v1/totals/+", on=health),
+        }
+        got = {what: proc.communicate(timeout=10)[0].strip() for what, proc in reads.items()}
+        assert got == {"totals, as the servers read them": "gmv/v1/totals/1 x",
+                       "sim-1's acks": "gmv/v1/acks/1/sim-1/2 x",
+                       "another producer's acks": "",
+                       "the health check's": ""}
+
+
+# --- deploy/healthcheck.py ------------------------------------------------------------------
+
+def run_healthcheck(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True,
+                          text=True, timeout=20)
+
+
+def test_the_healthcheck_passes_on_200_and_fails_with_a_reason_otherwise():
+    """The gmv containers' check: 200 is healthy; a 404 or a closed port is not, with one
+    line naming the URL."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server calls
+            self.send_response(200 if self.path == "/metrics" else 404)
+            self.end_headers()
+            self.wfile.write(b"gmv_up 1\n")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        base = f"http://127.0.0.1:{server.server_address[1]}"
+        assert run_healthcheck(f"{base}/metrics").returncode == 0
+        missing = run_healthcheck(f"{base}/nothing")
+        assert missing.returncode == 1 and "404" in missing.stderr
+        closed = run_healthcheck(f"http://127.0.0.1:{free_port()}/")
+        assert closed.returncode == 1 and closed.stderr.startswith("unhealthy: http://")
+        assert run_healthcheck().returncode == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_mqtt_healthcheck_sees_an_established_connection_to_the_port():
+    """The simulator's check: healthy while a TCP connection to the broker's port is up."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        assert run_healthcheck("--mqtt", str(port)).returncode == 1
+        with socket.create_connection(("127.0.0.1", port)), listener.accept()[0]:
+            assert run_healthcheck("--mqtt", str(port)).returncode == 0
+
+
+# --- docs -----------------------------------------------------------------------------------
+
+def test_the_deploy_doc_names_what_the_compose_file_runs():
+    """docs/deploy.md shows the set-up commands and every service of the compose file."""
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    assert "deploy/make-secrets.sh" in text and "docker compose up" in text
+    for name in SERVICES:
+        assert f"`{name}`" in text, name
+    blocks = "\n".join(re.findall(r"^```sh\n(.*?)^```", text, re.M | re.S))
+    for example in re.findall(r"^ *(gmv (?:aggregate|serve|simulate) .*)$", blocks, re.M):
+        build_parser().parse_args(shlex.split(example.split(" #")[0])[1:])
