@@ -235,18 +235,24 @@ def _peak_payments_per_s(year: int) -> float | None:
     return fest.peak_orders_per_s * min(float(np.exp(a + b * year)), 1.0)
 
 
+def _one_day(year: int) -> bool:
+    return festivals()[year].window.minutes == MINUTES_PER_DAY
+
+
 @cache
 def published(year: int) -> Published:
-    """What the model predicts `year`'s day from. The peak ratio is the peak payment rate times
-    the average order over the day's mean rate; a year with no peak figure (2010, 2012, 2021)
+    """What the model predicts a one-day festival from. The peak ratio is the peak payment rate
+    times the average order over the day's mean rate; a year with no peak figure (2010, 2012)
     takes the log-linear interpolation between the years around it."""
+    if not _one_day(year):
+        raise ValueError(f"year={year}: the day model is for one-day festivals (2009-2019)")
+
     def ratio(y: int) -> float | None:
         payments, fest = _peak_payments_per_s(y), festivals()[y]
-        return None if payments is None else payments * fest.aov_rmb * 86_400 * (
-            fest.window.minutes // MINUTES_PER_DAY) / fest.gmv_rmb
+        return None if payments is None else payments * fest.aov_rmb * 86_400 / fest.gmv_rmb
     if (own := ratio(year)) is not None:
         return Published(year, own)
-    known = [y for y in festival_years() if ratio(y) is not None]
+    known = [y for y in festival_years() if _one_day(y) and ratio(y) is not None]
     return Published(year, float(np.exp(np.interp(year, known, [np.log(ratio(y)) for y in known]))))
 
 
@@ -255,7 +261,7 @@ def observed() -> dict[int, Observed]:
     out = {}
     for year in festival_years():
         precise = [m for m in _published_milestones(year) if m.precise]
-        if precise and festivals()[year].window.minutes == MINUTES_PER_DAY:
+        if precise and _one_day(year):
             out[year] = Observed(published(year), tuple(m.published_minutes for m in precise),
                                  tuple(m.fraction for m in precise))
     return out

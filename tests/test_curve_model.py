@@ -68,6 +68,12 @@ def test_leave_one_out_never_sees_the_held_out_years_times():
     assert not np.array_equal(before[2018], after[2018])
 
 
+def test_eleven_day_festivals_are_not_the_day_models():
+    """2020 and 2021 span Nov 1-11: asking the day model for them is refused."""
+    with pytest.raises(ValueError, match="year=2020"):
+        published(2020)
+
+
 def test_trend_needs_two_years():
     """A trend from one year is refused with the years it was given."""
     with pytest.raises(ValueError, match=r"\[2019\]"):
