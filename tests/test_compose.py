@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -267,15 +268,19 @@ def test_the_deployed_acl_is_the_documented_one():
 
 
 @contextlib.contextmanager
-def deploy_broker(tmp_path: Path, passwords: dict[str, str]):
+def deploy_broker(tmp_path: Path, passwords: dict[str, str], *, acl: str = "",
+                  conf: str = "", port: int | None = None):
     """Mosquitto with deploy/mosquitto.conf as compose mounts it: the container's paths
-    mapped into tmp_path, its two listeners on free ports. Yields (port, health port)."""
-    port, health = free_port(), free_port()
+    mapped into tmp_path, its two listeners on free ports; `acl` and `conf` appended to
+    deploy/gmv.acl and to the config. Yields (port, health port)."""
+    port, health = port or free_port(), free_port()
     mounts = broker_mounts()
+    tmp_path.mkdir(exist_ok=True)
     (tmp_path / "data").mkdir()
     for target, source in mounts.items():
         if target.endswith(".acl"):
-            (tmp_path / Path(target).name).write_text((ROOT / source).read_text())
+            text = (ROOT / source).read_text() + (acl if target.endswith("gmv.acl") else "")
+            (tmp_path / Path(target).name).write_text(text)
     passwd = tmp_path / "passwd"
     passwd.write_text("".join(f"{user}:{pw}\n" for user, pw in passwords.items()))
     subprocess.run([MOSQUITTO_PASSWD, "-U", str(passwd)], check=True, timeout=10)
@@ -285,7 +290,7 @@ def deploy_broker(tmp_path: Path, passwords: dict[str, str]):
     text = text.replace("listener 1883 0.0.0.0", f"listener {port} 127.0.0.1").replace(
         "listener 1880 127.0.0.1", f"listener {health} 127.0.0.1")
     # Started as root, Mosquitto would drop to the `mosquitto` user (the image's does).
-    text += f"user {pwd.getpwuid(os.getuid()).pw_name}\n"
+    text += f"user {pwd.getpwuid(os.getuid()).pw_name}\n" + conf
     (tmp_path / "mosquitto.conf").write_text(text)
     proc = subprocess.Popen([MOSQUITTO, "-c", str(tmp_path / "mosquitto.conf")],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -298,6 +303,15 @@ def deploy_broker(tmp_path: Path, passwords: dict[str, str]):
         proc.kill()
         output = proc.communicate(timeout=10)[0].decode(errors="replace")
         assert "Error" not in output, output
+
+
+def subscriber(port: int, topic: str, user: str | None = None, pw: str = "") \
+        -> subprocess.Popen:
+    """The first message on `topic` (it exits then), or nothing within a second."""
+    login = ["-u", user, "-P", pw] if user else []
+    return subprocess.Popen([MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(port), *login,
+                             "-t", topic, "-v", "-C", "1", "-W", "1"],
+                            stdout=subprocess.PIPE, text=True)
 
 
 def mqtt(tool: str, port: int, *args: str, user: str | None = None, pw: str = "") \
@@ -323,18 +337,14 @@ def test_the_deploy_broker_config_runs_on_mosquitto_with_the_logins_and_the_acl(
         refused = mqtt("pub", port, "-t", "gmv/v1/totals/0", "-m", "{}")
         assert refused.returncode != 0 and "not authorised" in refused.stderr.lower()
 
+        def login(user: str) -> dict[str, str]:
+            return {"user": user, "pw": passwords[user]}
+
         def publish(user: str, topic: str, *flags: str) -> None:
             # A denied publish is acknowledged all the same, and dropped.
             done = mqtt("pub", port, "-q", "1", "-t", topic, "-m", "x", *flags,
                         user=user, pw=passwords[user])
             assert done.returncode == 0, done
-
-        def subscriber(user: str | None, topic: str, on: int = port) -> subprocess.Popen:
-            """The first message on `topic` (exits then), or nothing within a second."""
-            login = ["-u", user, "-P", passwords[user]] if user else []
-            return subprocess.Popen([MOSQUITTO_SUB, "-h", "127.0.0.1", "-p", str(on), *login,
-                                     "-t", topic, "-v", "-C", "1", "-W", "1"],
-                                    stdout=subprocess.PIPE, text=True)
 
         # Retained, as the shards publish them; the denied one first, so it would be first.
         publish("aggregator-1", "gmv/v1/totals/0", "-r")
@@ -343,17 +353,59 @@ def test_the_deploy_broker_config_runs_on_mosquitto_with_the_logins_and_the_acl(
         publish("aggregator-1", "gmv/v1/acks/1/sim-1/2", "-r")
         publish("aggregator-0", "gmv/v1/acks/0/sim-2", "-r")
         reads = {
-            "totals, as the servers read them": subscriber("ticker", "gmv/v1/totals/+"),
+            "totals, as the servers read them": subscriber(port, "gmv/v1/totals/+",
+                                                           **login("ticker")),
             # What gmv simulate subscribes to: acks/+/{producer}/#, partition 0 and p > 0.
-            "sim-1's acks": subscriber("sim-1", "gmv/v1/acks/+/sim-1/#"),
-            "another producer's acks": subscriber("sim-1", "gmv/v1/acks/+/sim-2/#"),
-            "the health check's": subscriber(None, "gmv/v1/totals/+", on=health),
+            "sim-1's acks": subscriber(port, "gmv/v1/acks/+/sim-1/#", **login("sim-1")),
+            "another producer's acks": subscriber(port, "gmv/v1/acks/+/sim-2/#",
+                                                  **login("sim-1")),
+            "the health check's": subscriber(health, "gmv/v1/totals/+"),
         }
         got = {what: proc.communicate(timeout=10)[0].strip() for what, proc in reads.items()}
         assert got == {"totals, as the servers read them": "gmv/v1/totals/1 x",
                        "sim-1's acks": "gmv/v1/acks/1/sim-1/2 x",
                        "another producer's acks": "",
                        "the health check's": ""}
+
+
+@pytest.mark.skipif(not (Path(MOSQUITTO).exists() and Path(MOSQUITTO_SUB).exists()
+                         and Path(MOSQUITTO_PASSWD).exists()), reason="needs Mosquitto")
+def test_the_example_bridge_carries_batches_one_way_and_acks_the_other(tmp_path):
+    """deploy/bridge.conf on a producers' broker, bridged to a consumers' broker, both with
+    the deploy config, the ACL and deploy/bridge.acl: a producer's retained announcement of
+    partition 2 reaches the shards' side, and a shard's retained ack reaches the producer."""
+    passwords = {user: f"pw-{user}" for user in logins()} | {"gmv-bridge": "pw-bridge"}
+    acl = "\n" + (DEPLOY / "bridge.acl").read_text()
+    consumers_port = free_port()
+    bridge = (DEPLOY / "bridge.conf").read_text()
+    assert "address consumers.example.internal:8883" in bridge
+    bridge = bridge.replace("address consumers.example.internal:8883",
+                            f"address 127.0.0.1:{consumers_port}")
+    bridge = bridge.replace("remote_password CHANGE-ME", "remote_password pw-bridge")
+    bridge = re.sub(r"^bridge_cafile .*\n", "", bridge, flags=re.M)  # plain MQTT here
+    with deploy_broker(tmp_path / "consumers", passwords, acl=acl, port=consumers_port), \
+            deploy_broker(tmp_path / "producers", passwords, acl=acl, conf=bridge) \
+            as (producers, producers_health):
+        def publish(port: int, user: str, topic: str) -> None:
+            done = mqtt("pub", port, "-q", "1", "-r", "-t", topic, "-m", "x", user=user,
+                        pw=passwords[user])
+            assert done.returncode == 0, done
+
+        state = subscriber(producers_health,  # the bridge's notifications, 1 once connected
+                           "$SYS/broker/connection/gmv-bridge-producers-1/state")
+        publish(producers, "sim-1", "gmv/v1/producers/sim-1/2")
+        publish(consumers_port, "aggregator-2", "gmv/v1/acks/2/sim-1/2")
+        deadline = time.monotonic() + 5
+        while True:  # the bridge connects within a moment of the brokers' start
+            announced = subscriber(consumers_port, "gmv/v1/producers/#", "aggregator-0",
+                                   passwords["aggregator-0"]).communicate(timeout=10)[0]
+            acked = subscriber(producers, "gmv/v1/acks/+/sim-1/#", "sim-1",
+                               passwords["sim-1"]).communicate(timeout=10)[0]
+            if (announced and acked) or time.monotonic() > deadline:
+                break
+        assert announced.strip() == "gmv/v1/producers/sim-1/2 x"
+        assert acked.strip() == "gmv/v1/acks/2/sim-1/2 x"
+        assert state.communicate(timeout=10)[0].strip().endswith(" 1")
 
 
 # --- deploy/healthcheck.py ------------------------------------------------------------------
