@@ -239,7 +239,7 @@ def test_checkpoint_for_other_dimensions_is_refused_by_name(tmp_path):
     """A checkpoint from a run with another brand count is a clear settings error."""
     other = Limits(n_brands=9, n_minutes=10, n_countries=3, n_platforms=2)
     assert refused(saved(tmp_path), lambda p: checkpoint.load(p, other)).endswith(
-        ": gmv_by_brand has shape (5,), the settings give (9,) (other --brands?)")
+        ": gmv_by_brand has shape (5,), the settings give (9,) (other --brands or --reference?)")
 
 
 def test_a_directory_at_the_checkpoint_path_is_refused_by_load_and_prepare(tmp_path):

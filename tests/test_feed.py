@@ -438,8 +438,10 @@ def replay_into(feed: Feed, shards: int, every, n_brands: int = 1500, per_minute
 
 def _2020_feed(shards: int, every) -> Feed:
     from gmv.app import screen_data
+    from gmv.reference import SHIPPED_2020
+    from ticker.shell import reference
 
-    feed = Feed(expected_shards=shards, **screen_data(2020))
+    feed = Feed(expected_shards=shards, **screen_data(2020, reference.load(SHIPPED_2020)))
     replay_into(feed, shards, every)
     return feed
 

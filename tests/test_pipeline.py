@@ -99,6 +99,7 @@ async def test_a_max_speed_replay_shows_each_milestone_on_the_curves_exact_minut
     import numpy as np
 
     from gmv.app import screen_data
+    from gmv.reference import demo_reference
 
     minutes_seen: list[int] = []
 
@@ -107,8 +108,8 @@ async def test_a_max_speed_replay_shows_each_milestone_on_the_curves_exact_minut
             minutes_seen.append(view["minute"])
         return view["gmv_cents"] == SCENARIO.gmv_cents and view["minute"] == 15839
 
-    async with running_pipeline(mosquitto, topics,
-                                server_options=screen_data(2020, SCENARIO)) as pipeline:
+    options = screen_data(2020, demo_reference(SCENARIO))
+    async with running_pipeline(mosquitto, topics, server_options=options) as pipeline:
         watcher = asyncio.create_task(watch_until(pipeline.port, done))
         async with ReliablePublisher(mosquitto) as publisher:
             await publish_scenario(publisher, SCENARIO, topics, producer="milestones",

@@ -359,6 +359,9 @@ function render(direct) {
   setText($('brands'), isInt(s.brands_active) ? group(s.brands_active) : '—');
   setCount($('brands-overseas'), s.brands_overseas_active);
   setCount($('brands-first-time'), s.brands_first_time_active);
+  // null: the aggregators have no reference data saying which brands are first-time, so the
+  // figure is unknown and not shown (never as 0); absent (an older server): "—".
+  $('brands-first-time-part').hidden = s.brands_first_time_active === null;
   setCount($('brands-big'), s.brands_big);
   setText($('brands-big-threshold'), money.code === 'USD' && isInt(s.brands_big_threshold_cents)
     ? formatMoney(s.brands_big_threshold_cents).replace(/\.00$/, '') : 'RMB 100M');
@@ -530,10 +533,14 @@ function renderPlatforms(platforms) {
   }));
 }
 
+// The first country is the home market (China in 2020); the others sell to it from abroad.
 function renderCountries(countries) {
-  const abroad = countries.filter((c) => c.code !== 'CN')
-    .sort((a, b) => (b.gmv_cents || 0) - (a.gmv_cents || 0)).slice(0, 5);
-  const total = countries.reduce((sum, c) => sum + (c.code !== 'CN' ? c.gmv_cents || 0 : 0), 0);
+  const home = isPlainObject(countries[0]) && typeof countries[0].name === 'string'
+    ? countries[0].name : 'China';
+  setText($('countries-title'), `Top countries selling to ${home}`);
+  const others = countries.slice(1).filter(isPlainObject);
+  const total = others.reduce((sum, c) => sum + (c.gmv_cents || 0), 0);
+  const abroad = others.sort((a, b) => (b.gmv_cents || 0) - (a.gmv_cents || 0)).slice(0, 5);
   const lead = abroad.length ? abroad[0].gmv_cents || 0 : 0;
   const rows = syncRows($('countries'), abroad.length, barRow);
   abroad.forEach((c, i) => {

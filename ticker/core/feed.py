@@ -23,8 +23,8 @@ from fractions import Fraction
 import numpy as np
 import orjson
 
-from ticker.core.dimensions import BIG_BRAND_CENTS, COUNTRIES, MAX_CURVE_BUCKETS, PLATFORMS, \
-    curve_bucket_minutes
+from ticker.core.dimensions import BIG_BRAND_CENTS, DEFAULT_DIMENSIONS, MAX_COUNTRIES, \
+    MAX_CURVE_BUCKETS, MAX_PLATFORMS, Dimensions, curve_bucket_minutes
 
 MAX_MESSAGE_BYTES = 65_536      # a totals message is about 28 KiB (1,440 recent minutes)
 MAX_COUNT = 2**53 - 1           # exact in JavaScript too
@@ -46,8 +46,9 @@ COUNT_FIELDS = ("gmv_cents", "orders", "brands_active", "brands_overseas_active"
 USD_MILESTONES = ("1", "10", "25", "50", "70")
 RMB_MILESTONES = ("10", "100", "300", "372.3", "498.2")  # 372.3B: the 2020 release's 00:30
 BRAND_MILESTONES = (100, 300, 470)
-COLUMN_FIELDS = (("country_gmv_cents", len(COUNTRIES)), ("country_orders", len(COUNTRIES)),
-                 ("platform_gmv_cents", len(PLATFORMS)), ("platform_orders", len(PLATFORMS)))
+# Per-id columns: as many entries as the shard's countries or platforms, at most the uint8's.
+COLUMN_FIELDS = (("country_gmv_cents", MAX_COUNTRIES), ("country_orders", MAX_COUNTRIES),
+                 ("platform_gmv_cents", MAX_PLATFORMS), ("platform_orders", MAX_PLATFORMS))
 REPLAY_STATES = ("playing", "paused", "seeking", "done")
 
 
@@ -89,8 +90,12 @@ def parse_totals(shard: str, doc: object) -> dict:
             out[key] = _count(key, doc[key])
     for key, size in COLUMN_FIELDS:
         if key in doc:
-            column = _list(key, doc[key], size, size)
+            column = _list(key, doc[key], 1, size)
             out[key] = [_count(key, value) for value in column]
+    for a, b in (("country_gmv_cents", "country_orders"),
+                 ("platform_gmv_cents", "platform_orders")):
+        if len(out.get(a, ())) != len(out.get(b, ())):
+            raise MessageError(f"{a} and {b}: must be given together, of one length")
     out["brands_first_time_active"] = _optional_count(
         "brands_first_time_active", doc.get("brands_first_time_active"))
     minute = out["minute"] = _optional_count("minute", doc.get("minute"))
@@ -249,8 +254,11 @@ def _short(value: object) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
-    """Merge the latest totals message of every shard into the viewer's fields."""
+def merge_shards(shards: dict[str, dict],
+                 dimensions: Dimensions = DEFAULT_DIMENSIONS) -> dict[str, object]:
+    """Merge the latest totals message of every shard into the viewer's fields. Countries
+    and platforms are named from `dimensions`: those it declares are listed, and past them
+    any id a shard reports GMV for ("Country 12")."""
     parts = list(shards.values())
     minutes = [p["minute"] for p in parts if p.get("minute") is not None]
     minute = max(minutes) if minutes else None
@@ -259,20 +267,26 @@ def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
     def total(key: str) -> int:
         return sum(int(p.get(key, 0)) for p in parts)
 
-    def column(key: str, size: int) -> list[int]:
-        sums = [0] * size
+    def column(key: str, declared: int) -> list[int]:
+        sums = [0] * max([declared, *(len(p.get(key, ())) for p in parts)])
         for p in parts:
-            for i, value in enumerate(p.get(key, [])[:size]):
+            for i, value in enumerate(p.get(key, [])):
                 sums[i] += int(value)
         return sums
+
+    def listed(gmv: list[int], declared: int) -> int:
+        """The entries shown: the declared ones, and past them up to the last with GMV."""
+        return max(declared, max((i + 1 for i, g in enumerate(gmv) if g), default=0))
 
     sim_time = None
     if window is not None and minute is not None:
         sim_time = _time_of(window, minute)
-    country_gmv, country_orders = (column("country_gmv_cents", len(COUNTRIES)),
-                                   column("country_orders", len(COUNTRIES)))
-    platform_gmv, platform_orders = (column("platform_gmv_cents", len(PLATFORMS)),
-                                     column("platform_orders", len(PLATFORMS)))
+    n_countries, n_platforms = len(dimensions.countries), len(dimensions.platforms)
+    country_gmv, country_orders = (column("country_gmv_cents", n_countries),
+                                   column("country_orders", n_countries))
+    platform_gmv, platform_orders = (column("platform_gmv_cents", n_platforms),
+                                     column("platform_orders", n_platforms))
+    n_countries, n_platforms = listed(country_gmv, n_countries), listed(platform_gmv, n_platforms)
     first_time = [p.get("brands_first_time_active") for p in parts]
     # Big brands: shards own disjoint brands, so counts add and the N-th smallest crossing
     # minute of all shards is the minute N brands were above the line (each shard reports
@@ -319,10 +333,12 @@ def merge_shards(shards: dict[str, dict]) -> dict[str, object]:
         "window": window,
         "gmv_last_minute_cents": sum(int(p.get("gmv_minute_cents", 0)) for p in parts
                                      if p.get("minute") == minute),
-        "platforms": [{"name": name, "gmv_cents": g, "orders": o}
-                      for name, g, o in zip(PLATFORMS, platform_gmv, platform_orders)],
-        "countries": [{"code": code, "name": name, "gmv_cents": g, "orders": o}
-                      for (code, name), g, o in zip(COUNTRIES, country_gmv, country_orders)],
+        "platforms": [{"name": dimensions.platform(i), "gmv_cents": platform_gmv[i],
+                       "orders": platform_orders[i]} for i in range(n_platforms)],
+        # The first country is the home market; the page ranks the others.
+        "countries": [{"code": dimensions.country(i)[0], "name": dimensions.country(i)[1],
+                       "gmv_cents": country_gmv[i], "orders": country_orders[i]}
+                      for i in range(n_countries)],
         "top_brands": [{"id": row[0], "gmv_cents": row[1]} for row in top],
         "big_brand_minutes": big_minutes[:MAX_BIG_BRAND_MINUTES] if one_line else [],
         "curve": curve,
@@ -489,9 +505,11 @@ class Feed:
 
     def __init__(self, comparison: Comparison | None = None, *, expected_shards: int = 1,
                  brand_name: Callable[[int], str] = default_name,
-                 currency: Currency | None = None) -> None:
+                 currency: Currency | None = None,
+                 dimensions: Dimensions = DEFAULT_DIMENSIONS) -> None:
         """`brand_name`: the name shown for a brand id (the aggregators know ids only).
-        `currency`: the festival's exchange rate, for the RMB milestones and view."""
+        `currency`: the festival's exchange rate, for the RMB milestones and view.
+        `dimensions`: the names of the country and platform ids (reference data)."""
         if expected_shards <= 0:
             raise ValueError(f"expected_shards={expected_shards}: must be positive")
         self.expected_shards = expected_shards
@@ -499,6 +517,7 @@ class Feed:
         self.comparison = comparison
         self.currency = currency
         self.brand_name = brand_name
+        self.dimensions = dimensions
         self.thresholds = thresholds(comparison, currency)
         self.replay: dict | None = None
         self.ignored_totals = self.ignored_replay = self.unknown_shard_messages = 0
@@ -510,7 +529,7 @@ class Feed:
         self._replay_at: float | None = None  # when the last replay status came
         self._started: float | None = None  # the first `tick`
         self._quiet: list[str] = []
-        self.view = self._complete(merge_shards({}))
+        self.view = self._complete(merge_shards({}, dimensions))
         self.seq = 1
         self.snapshot_frame = self._frame("snapshot", self.view)
         self.update_frame = self.snapshot_frame
@@ -712,7 +731,7 @@ class Feed:
         if not self._dirty:
             return False
         self._dirty = False
-        view = self._complete(merge_shards(self.shards))
+        view = self._complete(merge_shards(self.shards, self.dimensions))
         changed = {key: value for key, value in view.items() if self.view.get(key) != value}
         if not changed:
             return False

@@ -52,11 +52,13 @@ MAGIC = b"GMVCKPT4"
 _DIGEST = 32  # SHA-256
 _PREAMBLE = len(MAGIC) + 4  # magic and header length
 # Each array, in file order, with the likely cause when its length differs from the settings.
-_ARRAYS = {"gmv_by_brand": "other --brands?", "orders_by_brand": "other --brands?",
+_BRANDS = "other --brands or --reference?"
+_COUNTRIES = "another --reference, or none where one was?"
+_ARRAYS = {"gmv_by_brand": _BRANDS, "orders_by_brand": _BRANDS,
            "gmv_by_minute": "another --scenario?", "orders_by_minute": "another --scenario?",
-           "gmv_by_country": "another gmv version?", "orders_by_country": "another gmv version?",
-           "gmv_by_platform": "another gmv version?",
-           "orders_by_platform": "another gmv version?", "brand_overseas": "other --brands?"}
+           "gmv_by_country": _COUNTRIES, "orders_by_country": _COUNTRIES,
+           "gmv_by_platform": _COUNTRIES, "orders_by_platform": _COUNTRIES,
+           "brand_overseas": _BRANDS}
 _TOTALS = {"gmv_cents": "gmv_by_", "orders": "orders_by_"}
 
 

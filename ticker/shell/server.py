@@ -29,6 +29,7 @@ import mimetypes
 import resource
 import secrets
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
@@ -41,8 +42,11 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from ticker.core.control import ControlError, FailureLimiter, parse_command, read_answer, sign
+from ticker.core.dimensions import DEFAULT_DIMENSIONS, Dimensions
 from ticker.core.logthrottle import LogThrottle
 from ticker.core.feed import Comparison, Currency, Feed, MessageError, UnknownShard, default_name
+from ticker.shell import metrics
+from ticker.shell.mqtt import ConnectionStats
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +75,22 @@ class TickerServer:
                  send_control: Callable[[bytes], Awaitable[None]] | None = None,
                  expected_shards: int = 1, max_viewers: int = 10_000,
                  brand_name: Callable[[int], str] = default_name,
-                 currency: Currency | None = None) -> None:
+                 currency: Currency | None = None,
+                 dimensions: Dimensions = DEFAULT_DIMENSIONS) -> None:
         """`control_token` and `send_control`: an operator on the page (?operator=1) who
         gives the token may pause, resume, seek or change the speed of the replay; the
         command goes out signed with the token (`control.sign`), never carrying it.
         `expected_shards`: the aggregator shards "0" .. "N-1" whose totals are merged.
         `max_viewers`: open websockets at most (lowered to what the open-files limit can
-        hold); past it, a new one gets HTTP 503. `brand_name` and `currency`: the names of
-        brand ids and the festival's exchange rate, for the view (`Feed`)."""
+        hold); past it, a new one gets HTTP 503. `brand_name`, `currency` and `dimensions`:
+        the names of brand ids, the festival's exchange rate and the names of country and
+        platform ids, for the view (`Feed`)."""
         if push_hz <= 0:
             raise ValueError(f"push_hz={push_hz}: must be positive")
         if max_viewers <= 0:
             raise ValueError(f"max_viewers={max_viewers}: must be positive")
         self.feed = Feed(comparison, expected_shards=expected_shards, brand_name=brand_name,
-                         currency=currency)
+                         currency=currency, dimensions=dimensions)
         self.control_token = control_token
         self.send_control = send_control
         self.web_dir = web_dir.resolve()
@@ -103,6 +109,10 @@ class TickerServer:
         self._ignored_log, self._refused_log = LogThrottle(), LogThrottle()
         self._answers: dict[str, asyncio.Future] = {}  # nonce -> the replay's answer
         self.answer_timeout = 3.0
+        self.frames_sent: Counter[str] = Counter()  # frames written to viewers, by kind
+        self.frames_skipped = 0  # frames not written: the viewer's socket buffer was full
+        self.broker_stats = ConnectionStats()  # of the totals watcher (mqtt.watch_totals)
+        self.metrics = metrics.registry(metrics.ServerCollector(self))  # GET /metrics
 
     @property
     def viewers(self) -> int:
@@ -168,33 +178,41 @@ class TickerServer:
             # Every second whatever else is sent: the page's only proof that totals are
             # fresh (a replay status or a quiet-shard change must not keep it "LIVE").
             if now - last_beat >= self.heartbeat_interval:
-                self._write([ws for ws in self._sent if ws.transport.get_write_buffer_size()
-                             <= WRITE_BUFFER_LIMIT], self._heartbeat())
+                ready = [ws for ws in self._sent
+                         if ws.transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT]
+                self.frames_skipped += len(self._sent) - len(ready)
+                self.frames_sent["heartbeat"] += self._write(ready, self._heartbeat())
                 last_beat = now
             if self.feed.shards:
                 self._primed.set()  # the view now holds real totals: new viewers may come
             next_push = max(next_push + self.push_interval, now)
 
     def _fan_out(self) -> None:
-        seq, behind_one, others = self.feed.seq, [], []
+        seq = self.feed.seq
+        behind_one: list[ServerConnection] = []
+        others: list[ServerConnection] = []
         for ws, held in self._sent.items():
             if ws.transport.get_write_buffer_size() > WRITE_BUFFER_LIMIT:
+                self.frames_skipped += 1
                 continue  # a slow viewer: skipped now, a snapshot once it has drained
             (behind_one if held == seq - 1 else others).append(ws)
             self._sent[ws] = seq
-        self._write(behind_one, self.feed.update_frame)
-        self._write(others, self.feed.snapshot_frame)
+        self.frames_sent["update"] += self._write(behind_one, self.feed.update_frame)
+        self.frames_sent["snapshot"] += self._write(others, self.feed.snapshot_frame)
 
     @staticmethod
-    def _write(viewers: list[ServerConnection], payload: bytes) -> None:
+    def _write(viewers: list[ServerConnection], payload: bytes) -> int:
         """One text frame built once for everyone, written straight to each open transport
-        (what websockets.broadcast does, minus serialising the frame per viewer)."""
+        (what websockets.broadcast does, minus serialising the frame per viewer); how many
+        were written."""
         if not viewers:
-            return
-        frame = _text_frame(payload)
+            return 0
+        frame, written = _text_frame(payload), 0
         for ws in viewers:
             if ws.protocol.state is State.OPEN:
                 ws.transport.write(frame)
+                written += 1
+        return written
 
     async def serve(self, host: str, port: int) -> Server:
         # A large backlog: a wall of screens reconnecting at once after a restart.
@@ -212,6 +230,7 @@ class TickerServer:
                     await self._primed.wait()
             seq = self.feed.seq
             await ws.send(self.feed.snapshot_frame, text=True)
+            self.frames_sent["snapshot"] += 1
             self._sent[ws] = seq
             async for message in ws:  # only an operator's control commands are read
                 reply = await self._control(message)
@@ -309,6 +328,8 @@ class TickerServer:
                              "text/plain", [("Allow", "GET, HEAD")])
         if path == "/api/totals":
             response = _response(HTTPStatus.OK, self.feed.snapshot_frame, "application/json")
+        elif path == "/metrics":  # Prometheus (docs/metrics.md)
+            response = metrics.exposition(self.metrics)
         else:
             response = _file_response(self._files.get(path))
         if request.method == "HEAD":
