@@ -1,9 +1,12 @@
 """Health check of a gmv container (docker-compose.yml): exit 0 if healthy, else 1 and one line.
 
-    python healthcheck.py http://127.0.0.1:9100/metrics     the URL answers 200 within 3 s
-    python healthcheck.py --mqtt [PORT]                      this container holds an established
-                                                             TCP connection to a port PORT
-                                                             (default 1883), an MQTT broker's
+    python healthcheck.py URL [NAME=VALUE ...]   the URL answers 200 within 3 s, and in its
+                                                 Prometheus text each metric NAME (without
+                                                 labels) has VALUE, e.g.
+                                                 gmv_aggregator_broker_connected=1
+    python healthcheck.py --mqtt [PORT]          this container holds an established TCP
+                                                 connection to port PORT (default 1883), an
+                                                 MQTT broker's
 
 The second is for `gmv simulate`, which serves nothing: it is healthy while it holds its
 broker connection. Standard library only, since it runs in the image as it is.
@@ -18,14 +21,25 @@ from pathlib import Path
 ESTABLISHED = "01"  # the `st` column of /proc/net/tcp
 
 
-def http_ok(url: str, timeout: float = 3.0) -> str | None:
-    """None if `url` answers 200, else why not."""
+def http_ok(url: str, expect: dict[str, float], timeout: float = 3.0) -> str | None:
+    """None if `url` answers 200 with every expected metric value, else why not."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            response.read(1 << 16)
-            return None if response.status == 200 else f"{url}: HTTP {response.status}"
+            body = response.read(1 << 22).decode("utf-8", "replace")
     except OSError as exc:  # URLError, HTTPError, timeouts, refused connections
         return f"{url}: {exc}"
+    values = {}
+    for line in body.splitlines():
+        name, _, value = line.partition(" ")
+        if name in expect:
+            try:
+                values[name] = float(value.split()[0])
+            except (ValueError, IndexError):
+                pass
+    for name, wanted in expect.items():
+        if (got := values.get(name)) != wanted:
+            return f"{url}: {name} is {'missing' if got is None else f'{got:g}'}, not {wanted:g}"
+    return None
 
 
 def connected_to(port: int, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/net/tcp6")) \
@@ -45,12 +59,17 @@ def connected_to(port: int, tables: tuple[str, ...] = ("/proc/net/tcp", "/proc/n
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--mqtt"] and len(argv) <= 2:
-        problem = connected_to(int(argv[1]) if len(argv) == 2 else 1883)
-    elif len(argv) == 1 and argv[0].startswith("http"):
-        problem = http_ok(argv[0])
-    else:
-        print("usage: healthcheck.py URL | --mqtt [PORT]", file=sys.stderr)
+    try:
+        if argv[:1] == ["--mqtt"] and len(argv) <= 2:
+            problem = connected_to(int(argv[1]) if len(argv) == 2 else 1883)
+        elif argv and argv[0].startswith(("http://", "https://")):
+            expect = {name: float(value) for name, _, value in
+                      (arg.partition("=") for arg in argv[1:])}
+            problem = http_ok(argv[0], expect)
+        else:
+            raise ValueError
+    except ValueError:
+        print("usage: healthcheck.py URL [NAME=VALUE ...] | --mqtt [PORT]", file=sys.stderr)
         return 2
     if problem:
         print(f"unhealthy: {problem}", file=sys.stderr)

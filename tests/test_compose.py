@@ -190,7 +190,9 @@ def test_the_gmv_health_checks_ask_the_port_each_service_serves():
         assert test[1:3] == ["python", "/app/deploy/healthcheck.py"], name
         command = service["command"][0]
         if command == "aggregate":
-            assert test[3:] == [f"http://127.0.0.1:{option(service, '--metrics-port')}/metrics"]
+            port = option(service, "--metrics-port")
+            assert test[3:] == [f"http://127.0.0.1:{port}/metrics",
+                                "gmv_aggregator_broker_connected=1"], name
         elif command == "serve":
             port = option(service, "--port")
             assert test[3:] == [f"http://127.0.0.1:{port}/"], name
@@ -416,13 +418,13 @@ def run_healthcheck(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_the_healthcheck_passes_on_200_and_fails_with_a_reason_otherwise():
-    """The gmv containers' check: 200 is healthy; a 404 or a closed port is not, with one
-    line naming the URL."""
+    """The gmv containers' check: 200 (with the metric values asked for) is healthy; a 404, a
+    closed port or another value is not, with one line naming the URL and what is wrong."""
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 - the name http.server calls
             self.send_response(200 if self.path == "/metrics" else 404)
             self.end_headers()
-            self.wfile.write(b"gmv_up 1\n")
+            self.wfile.write(b"# TYPE gmv_up gauge\ngmv_up 1.0\ngmv_down 0.0\n")
 
         def log_message(self, *args):
             pass
@@ -432,6 +434,11 @@ def test_the_healthcheck_passes_on_200_and_fails_with_a_reason_otherwise():
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
         assert run_healthcheck(f"{base}/metrics").returncode == 0
+        assert run_healthcheck(f"{base}/metrics", "gmv_up=1").returncode == 0
+        down = run_healthcheck(f"{base}/metrics", "gmv_up=1", "gmv_down=1")
+        assert down.returncode == 1 and "gmv_down is 0, not 1" in down.stderr
+        gone = run_healthcheck(f"{base}/metrics", "gmv_gone=1")
+        assert gone.returncode == 1 and "gmv_gone is missing" in gone.stderr
         missing = run_healthcheck(f"{base}/nothing")
         assert missing.returncode == 1 and "404" in missing.stderr
         closed = run_healthcheck(f"http://127.0.0.1:{free_port()}/")
