@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import importlib.util
 import os
 import pwd
 import re
@@ -216,6 +217,29 @@ def test_the_image_holds_every_part_and_the_reference_file():
     assert (ROOT / reference.removeprefix("/app/")).is_file(), reference
 
 
+
+def test_the_simulator_plays_once_per_deployment(tmp_path):
+    """Its entrypoint runs `gmv simulate ...` the first time only: run again (a later
+    `docker compose up` starts the exited container), it says why and exits 0 instead of
+    publishing the festival a second time on top of the totals."""
+    service = SERVICES["simulator"]
+    assert service["volumes"] == ["simulator-data:/data"]
+    assert "simulator-data" in COMPOSE["volumes"]
+    shell, flag, script, name = service["entrypoint"]
+    assert (shell, flag) == ("/bin/sh", "-c")
+    script = script.replace("$$", "$").replace("/data/", f"{tmp_path}/")  # as compose hands it
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "gmv"
+    fake.write_text(f'#!/bin/sh\necho "gmv $*" >> {tmp_path}/ran\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    for _ in range(2):
+        done = subprocess.run([shell, flag, script, name, *service["command"]], env=env,
+                              capture_output=True, text=True, timeout=10)
+        assert done.returncode == 0, done
+    assert (tmp_path / "ran").read_text() == "gmv " + " ".join(service["command"]) + "\n"
+    assert "has played its festival already" in done.stdout
+
 # --- the broker -----------------------------------------------------------------------------
 
 def test_the_broker_mounts_the_config_acl_and_password_file_of_deploy():
@@ -412,12 +436,15 @@ def test_the_example_bridge_carries_batches_one_way_and_acks_the_other(tmp_path)
 
 # --- deploy/healthcheck.py ------------------------------------------------------------------
 
-def run_healthcheck(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True,
-                          text=True, timeout=20)
+def load_healthcheck():
+    """deploy/healthcheck.py as a module (it is a script in the image, not a package)."""
+    spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_the_healthcheck_passes_on_200_and_fails_with_a_reason_otherwise():
+def test_the_healthcheck_passes_on_200_and_fails_with_a_reason_otherwise(capsys):
     """The gmv containers' check: 200 (with the metric values asked for) is healthy; a 404, a
     closed port or another value is not, with one line naming the URL and what is wrong."""
     class Handler(http.server.BaseHTTPRequestHandler):
@@ -429,33 +456,37 @@ def test_the_healthcheck_passes_on_200_and_fails_with_a_reason_otherwise():
         def log_message(self, *args):
             pass
 
+    check = load_healthcheck().main
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         base = f"http://127.0.0.1:{server.server_address[1]}"
-        assert run_healthcheck(f"{base}/metrics").returncode == 0
-        assert run_healthcheck(f"{base}/metrics", "gmv_up=1").returncode == 0
-        down = run_healthcheck(f"{base}/metrics", "gmv_up=1", "gmv_down=1")
-        assert down.returncode == 1 and "gmv_down is 0, not 1" in down.stderr
-        gone = run_healthcheck(f"{base}/metrics", "gmv_gone=1")
-        assert gone.returncode == 1 and "gmv_gone is missing" in gone.stderr
-        missing = run_healthcheck(f"{base}/nothing")
-        assert missing.returncode == 1 and "404" in missing.stderr
-        closed = run_healthcheck(f"http://127.0.0.1:{free_port()}/")
-        assert closed.returncode == 1 and closed.stderr.startswith("unhealthy: http://")
-        assert run_healthcheck().returncode == 2
+        assert check([f"{base}/metrics"]) == 0
+        assert check([f"{base}/metrics", "gmv_up=1"]) == 0
+        assert check([f"{base}/metrics", "gmv_up=1", "gmv_down=1"]) == 1
+        assert "gmv_down is 0, not 1" in capsys.readouterr().err
+        assert check([f"{base}/metrics", "gmv_gone=1"]) == 1
+        assert "gmv_gone is missing" in capsys.readouterr().err
+        assert check([f"{base}/nothing"]) == 1
+        assert "404" in capsys.readouterr().err
+        assert check([f"http://127.0.0.1:{free_port()}/"]) == 1
+        assert capsys.readouterr().err.startswith("unhealthy: http://127.0.0.1:")
     finally:
         server.shutdown()
         server.server_close()
+    usage = subprocess.run([sys.executable, str(HEALTHCHECK)], capture_output=True, text=True,
+                           timeout=20)  # as the image runs it: a script
+    assert usage.returncode == 2 and usage.stderr.startswith("usage: healthcheck.py")
 
 
 def test_the_mqtt_healthcheck_sees_an_established_connection_to_the_port():
     """The simulator's check: healthy while a TCP connection to the broker's port is up."""
+    connected_to = load_healthcheck().connected_to
     with socket.create_server(("127.0.0.1", 0)) as listener:
         port = listener.getsockname()[1]
-        assert run_healthcheck("--mqtt", str(port)).returncode == 1
+        assert connected_to(port) == f"no established connection to port {port}"
         with socket.create_connection(("127.0.0.1", port)), listener.accept()[0]:
-            assert run_healthcheck("--mqtt", str(port)).returncode == 0
+            assert connected_to(port) is None
 
 
 # --- docs -----------------------------------------------------------------------------------
