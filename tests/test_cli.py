@@ -115,7 +115,9 @@ def test_sigterm_stops_the_aggregator_cleanly_with_a_final_checkpoint(mosquitto,
     path = tmp_path / "agg.ckpt"
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
     port = free_port()
-    procs = [subprocess.Popen(GMV + ["aggregate", *broker, "--checkpoint", str(path)],
+    from gmv.reference import SHIPPED_2020
+    procs = [subprocess.Popen(GMV + ["aggregate", *broker, "--checkpoint", str(path),
+                                     "--reference", str(SHIPPED_2020)],
                               stderr=subprocess.PIPE, text=True),
              subprocess.Popen(GMV + ["serve", *broker, "--port", str(port)])]
     try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import re
 import subprocess
@@ -271,6 +272,24 @@ async def test_a_drop_is_shown_at_once_never_counted_down(mosquitto, topics, pag
     # Straight down: nothing between the old total and the new one (the fresh aggregator's
     # empty totals may show first, then the counter runs up to $12.34 as for any rise).
     assert after[-1] == "$12.34" and all(cents_of(t) <= 12_34 for t in after[1:]), painted
+
+
+async def test_without_reference_data_the_first_time_figure_is_hidden_not_0(mosquitto, topics,
+                                                                           page):
+    """An aggregator without a reference file cannot know which brands are first-time: its
+    totals say null and the page hides that figure (never "0 first-time overseas"), while
+    the overseas count, from the orders' own country column, shows."""
+    async with parts(mosquitto, topics) as (url, _):
+        abroad = batch("p", 0, 100, [5_00, 7_00, 9_00])
+        abroad = dataclasses.replace(abroad, country=np.array([0, 1, 2], np.uint8))
+        async with ReliablePublisher(mosquitto) as publisher:
+            await publisher.send(topics.orders("p"), encode(abroad))
+            await page.goto(url)
+            await expect(page.locator("#brands")).to_have_text("3", timeout=10_000)
+        await expect(page.locator("#brands-overseas")).to_have_text("2")
+        await expect(page.locator("#brands-first-time-part")).to_be_hidden()
+        sub = page.locator(".kpi-sub", has=page.locator("#brands-overseas"))
+        await expect(sub).to_have_text("2 overseas", use_inner_text=True)
 
 
 # ---------- 2. honest state ----------
