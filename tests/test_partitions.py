@@ -101,8 +101,7 @@ def test_a_checkpoint_of_another_partitioning_is_refused(tmp_path):
     """A shard keeps its brands for life: restoring shard 0/1 as 0/3 would mix partitions."""
     path = tmp_path / "a.ckpt"
     checkpoint.save(path, checkpoint.export(AggregateState(LIMITS)))
-    with pytest.raises(ValueError, match=r"saved by shard \[0, 1\] of \[1\] partitions, not "
-                                         r"\[0, 3\] of \[3\]"):
+    with pytest.raises(ValueError, match="saved by shard 0/1 of 1 partitions, not 0/3 of 3"):
         checkpoint.load(path, LIMITS, shard=Shard(0, 3, 3))
     assert checkpoint.load(path, LIMITS) is not None
 

@@ -282,13 +282,20 @@ class AggregateState:
     def _shard_key(self) -> list[int]:
         return [self.shard.index, self.shard.count, self.shard.partitions]
 
-    def restore_scalars(self, scalars: dict) -> None:
-        """The inverse of `scalars`; raises ValueError on anything it would not have written."""
+    def check_shard(self, scalars: dict) -> None:
+        """Raise ValueError unless `scalars` were saved by this shard of these partitions:
+        a shard keeps its brands for life."""
         saved = scalars.get("shard", [0, 1, 1])  # before partitions: the only shard
         if saved != self._shard_key():
-            raise ValueError(f"saved by shard {saved[:2]} of {saved[2:]} partitions, not "
-                             f"{self._shard_key()[:2]} of {self._shard_key()[2:]}: another "
-                             "--shard or --partitions? (a shard keeps its brands for life)")
+            was = f"{saved[0]}/{saved[1]} of {saved[2]}" if isinstance(saved, list) \
+                and len(saved) == 3 else repr(saved)
+            raise ValueError(f"saved by shard {was} partitions, not {self.shard.index}/"
+                             f"{self.shard.count} of {self.shard.partitions}: start each "
+                             "--shard and --partitions with its own checkpoint")
+
+    def restore_scalars(self, scalars: dict) -> None:
+        """The inverse of `scalars` (whose shard `check_shard` checks); raises ValueError on
+        anything it would not have written."""
         for name in self._SCALARS:
             value = scalars[name]
             if type(value) is not int or not -1 <= value <= MAX_TOTAL:

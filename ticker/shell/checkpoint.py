@@ -242,6 +242,7 @@ def _restore(state: AggregateState, data: bytes) -> None:
             # Summed as Python ints: numpy's int64 sum would wrap around silently.
             if (got := sum(getattr(state, name).tolist())) != value:
                 raise ValueError(f"{name} sums to {got}, the header's {total} is {value}")
+    state.check_shard(meta)  # before the rest: its reason is the operator's, not damage
     try:
         state.restore_scalars(meta)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
