@@ -182,8 +182,9 @@ def test_every_service_has_a_health_check_and_a_restart_policy():
 
 
 def test_the_gmv_health_checks_ask_the_port_each_service_serves():
-    """A shard's check reads its /metrics on --metrics-port, a server's its page on --port,
-    the simulator's its broker connection; each with the script the image holds."""
+    """A shard's check reads its /metrics on --metrics-port, a server's /metrics on its
+    HTTP --port (the page's), each asking that it holds its broker connection; the
+    simulator's checks its connection to the broker; each with the script the image holds."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "COPY deploy/healthcheck.py deploy/healthcheck.py" in dockerfile
     for name, service in gmv_services().items():
@@ -196,10 +197,22 @@ def test_the_gmv_health_checks_ask_the_port_each_service_serves():
                                 "gmv_aggregator_broker_connected=1"], name
         elif command == "serve":
             port = option(service, "--port")
-            assert test[3:] == [f"http://127.0.0.1:{port}/"], name
+            assert test[3:] == [f"http://127.0.0.1:{port}/metrics",
+                                "gmv_server_broker_connected=1"], name
             assert service["ports"] == [f"127.0.0.1:{port}:{port}"], name
         else:
             assert test[3:] == ["--mqtt", "1883"], name
+
+
+def test_the_health_checks_ask_for_documented_metrics():
+    """The metric values the health checks require are ones docs/metrics.md documents, so a
+    renamed metric fails here instead of making every shard and server unhealthy."""
+    documented = set(re.findall(r"^\| `(gmv_\w+)` \|", (ROOT / "docs" / "metrics.md").read_text(),
+                                re.M))
+    asked = {arg.partition("=")[0] for service in gmv_services().values()
+             for arg in service["healthcheck"]["test"][4:] if "=" in arg}
+    assert asked == {"gmv_aggregator_broker_connected", "gmv_server_broker_connected"}
+    assert asked <= documented
 
 
 def test_the_image_holds_every_part_and_the_reference_file():
