@@ -32,7 +32,7 @@ from simulator.recording import CHATBOT, ORDERS, RecordingError, RecordingSource
     RecordingWriter
 from simulator.scenario import Scenario, scenario_for_year
 
-from ticker.shell import checkpoint
+from ticker.shell import checkpoint, metrics
 from ticker.shell.aggregator import Aggregator
 from ticker.core.control import Command, ControlError, minute_of, read_answer, sign
 from ticker.core.dimensions import Window
@@ -182,8 +182,10 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                                           name="control") if token is not None else None
                 if standalone:
                     tg.create_task(aggregator.run(), name="aggregator")
-                    tg.create_task(watch_totals(broker, topics, server.receive_message),
-                                   name="watch")
+                    tg.create_task(watch_totals(broker, topics, server.receive_message,
+                                                stats=server.broker_stats), name="watch")
+                    # One /metrics for both parts (docs/metrics.md).
+                    server.metrics.register(metrics.AggregatorCollector(aggregator))
                     tg.create_task(server.run_pusher(), name="pusher")
                     await aggregator.ready.wait()
                     url = f"http://{args.host}:{_bound_port(ws_server)}/"
@@ -239,7 +241,12 @@ async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
                  if path else "in memory only (--no-checkpoint): a restart starts from zero")
         print(f"aggregating {args.prefix}/orders from {broker.url} as shard {args.shard}; "
               f"{state}", file=sys.stderr, flush=True)
-        await aggregator.run()
+        async with metrics.serving(metrics.registry(metrics.AggregatorCollector(aggregator)),
+                                   args.metrics_host, args.metrics_port) as endpoint:
+            if endpoint is not None:
+                print(f"metrics at http://{args.metrics_host}:{_bound_port(endpoint)}/metrics",
+                      file=sys.stderr, flush=True)
+            await aggregator.run()
     return 0
 
 
@@ -264,7 +271,8 @@ async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
                                                        _scenario(args.scenario, args)))
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
         tg = await stack.enter_async_context(asyncio.TaskGroup())
-        tg.create_task(watch_totals(broker, topics, server.receive_message), name="watch-totals")
+        tg.create_task(watch_totals(broker, topics, server.receive_message,
+                                    stats=server.broker_stats), name="watch-totals")
         tg.create_task(server.run_pusher(), name="pusher")
         print(f"ticker at http://{args.host}:{_bound_port(ws_server)}/", flush=True)
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

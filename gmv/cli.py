@@ -209,6 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     agg.add_argument("--max-unacked", type=_positive(int, 65535), default=16,
                      help="checkpoint when this many batches await acknowledgement; keep it "
                           "below the broker's max_inflight_messages (default 16)")
+    agg.add_argument("--metrics-port", type=_port, default=0, metavar="PORT",
+                     help="serve Prometheus metrics at http://HOST:PORT/metrics "
+                          "(docs/metrics.md; default 0: none)")
+    agg.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                     help="address for --metrics-port (default 127.0.0.1)")
     control(agg)
 
     bench = commands.add_parser("bench", help="load-test the pipeline through a real broker")

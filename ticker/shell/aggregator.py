@@ -35,7 +35,8 @@ from ticker.shell import checkpoint
 from ticker.core.control import ControlError, Verifier
 from ticker.core.dimensions import BIG_BRAND_CENTS, Window
 from ticker.core.logthrottle import LogThrottle
-from ticker.shell.mqtt import BrokerSettings, Topics, ack, connect, reconnecting, unique_client_id
+from ticker.shell.mqtt import BrokerSettings, ConnectionStats, Topics, ack, connect, \
+    reconnecting, unique_client_id
 from ticker.core.partitions import Shard, stream_name
 from ticker.core.state import AggregateState
 from ticker.core.wire import BatchError, Limits, OrderBatch, dead_letter, decode, \
@@ -79,6 +80,9 @@ class Aggregator:
         self.state = restored or AggregateState(limits, first_time, shard=shard,
                                                 big_brand_cents=big_brand_cents)
         self.checkpoints = 0
+        self.checkpoint_seconds = 0.0  # spent writing them, all told (metrics)
+        self.last_checkpoint_duration = 0.0
+        self.broker_stats = ConnectionStats()
         # An operator's `reset` (a replay starting again) must be signed with this token.
         self.verifier = Verifier(control_token) if control_token else None
         self.ready = asyncio.Event()
@@ -161,6 +165,11 @@ class Aggregator:
     def durable(self) -> bool:
         return self.checkpoint_path is not None
 
+    @property
+    def last_checkpoint_at(self) -> float:
+        """When (time.monotonic) the latest checkpoint was written, or this object made."""
+        return self._last_checkpoint
+
     async def run(self) -> None:
         """Consume forever, reconnecting after any broker outage."""
         if self.durable and not self.restored:
@@ -173,7 +182,8 @@ class Aggregator:
             self.restored = True
         try:
             await reconnecting(self.broker, self.client_id, self._session,
-                               clean_session=not self.durable, manual_ack=True)
+                               clean_session=not self.durable, manual_ack=True,
+                               stats=self.broker_stats)
         except asyncio.CancelledError:
             # A clean stop keeps everything applied so far; what was not acknowledged will be
             # redelivered and dropped as a duplicate. (After a failure nothing is written: the
@@ -271,9 +281,12 @@ class Aggregator:
 
     async def _save(self) -> dict[str, dict | None]:
         """Checkpoint now; the acks that this checkpoint makes true."""
+        start = time.monotonic()
         data, acks = checkpoint.export(self.state), self.state.take_acks()
         await asyncio.to_thread(checkpoint.save, self.checkpoint_path, data)
         self._last_checkpoint = time.monotonic()
+        self.last_checkpoint_duration = self._last_checkpoint - start
+        self.checkpoint_seconds += self.last_checkpoint_duration
         self.checkpoints += 1
         return acks
 

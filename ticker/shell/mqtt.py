@@ -179,24 +179,40 @@ def unique_client_id(role: str) -> str:
     return f"{role}-{uuid.uuid4().hex[:8]}"
 
 
+@dataclass
+class ConnectionStats:
+    """How the connection of one `reconnecting` loop fares, for metrics."""
+
+    connects: int = 0  # connections made: the first, then one after each loss
+    failures: int = 0  # connections lost, or attempts that failed
+    connected: bool = False
+
+
 async def reconnecting(broker: BrokerSettings, identifier: str,
                        session: Callable[[aiomqtt.Client], Awaitable[None]], *,
-                       clean_session: bool = True, manual_ack: bool = False) -> None:
-    """Run `session(client)` forever, reconnecting with exponential backoff (0.2 s to 5 s)."""
+                       clean_session: bool = True, manual_ack: bool = False,
+                       stats: ConnectionStats | None = None) -> None:
+    """Run `session(client)` forever, reconnecting with exponential backoff (0.2 s to 5 s);
+    counted in `stats`, if given."""
     delay, this = 0.2, asyncio.current_task()
+    stats = ConnectionStats() if stats is None else stats
     while True:
         try:
             async with connect(broker, identifier, clean_session=clean_session,
                                manual_ack=manual_ack) as client:
                 delay = 0.2
+                stats.connects += 1
+                stats.connected = True
                 # In a task of its own: when a stop (Ctrl-C, SIGTERM) closes the connection on
                 # its way, the session's task group reports the lost connection instead of the
                 # cancellation; this task's count of cancellations still says it was a stop.
                 await asyncio.create_task(session(client), name=f"{identifier}-session")
         # except*: a session's task group wraps the lost connection in an ExceptionGroup.
         except* (ConnectionError, aiomqtt.MqttError) as group:
+            stats.connected = False
             if this is not None and this.cancelling():
                 raise asyncio.CancelledError from None
+            stats.failures += 1
             log.warning("%s: broker connection lost (%s); retrying in %.1f s",
                         identifier, group.exceptions[0], delay)
         await asyncio.sleep(delay)
@@ -315,9 +331,10 @@ class ReliablePublisher:
 
 async def watch(broker: BrokerSettings, filters: list[str],
                 on_message: Callable[[str, bytes, bool], None], *,
-                ready: asyncio.Event | None = None, role: str = "gmv-watch") -> None:
+                ready: asyncio.Event | None = None, role: str = "gmv-watch",
+                stats: ConnectionStats | None = None) -> None:
     """Call `on_message(topic, payload, retained)` for every message on `filters`, forever,
-    reconnecting as needed. The callee validates: anything can arrive."""
+    reconnecting as needed (counted in `stats`). The callee validates: anything can arrive."""
 
     async def session(client: aiomqtt.Client) -> None:
         for topic_filter in filters:
@@ -328,16 +345,17 @@ async def watch(broker: BrokerSettings, filters: list[str],
             payload = message.payload if isinstance(message.payload, bytes) else b""
             on_message(message.topic.value, payload, bool(message.retain))
 
-    await reconnecting(broker, unique_client_id(role), session)
+    await reconnecting(broker, unique_client_id(role), session, stats=stats)
 
 
 async def watch_totals(broker: BrokerSettings, topics: Topics,
                        on_message: Callable[[str, bytes, bool], None], *,
-                       ready: asyncio.Event | None = None) -> None:
+                       ready: asyncio.Event | None = None,
+                       stats: ConnectionStats | None = None) -> None:
     """The totals topics and the replay status, for the ticker server
     (`TickerServer.receive_message`). A retained copy may come from a dead aggregator."""
     await watch(broker, [topics.all_totals, topics.replay, topics.answers], on_message,
-                ready=ready, role="gmv-server")
+                ready=ready, role="gmv-server", stats=stats)
 
 
 async def ask(broker: BrokerSettings, topic: str, payload: bytes, answers: str,
