@@ -309,9 +309,9 @@ class TickerServer:
                 waiting.set_result((answer.ok, answer.detail))
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
-        """Static files and /api/totals for GET and HEAD; /ws goes on to the handshake if
-        there is room. Nothing in a request reaches the file system: only the files listed
-        at start are served."""
+        """Static files, /api/totals and /metrics for GET and HEAD; /ws goes on to the
+        handshake if there is room. Nothing in a request reaches the file system: only the
+        files listed at start are served."""
         path = request.path.partition("?")[0]
         if path == "/ws":
             if request.method != "GET":
