@@ -20,7 +20,7 @@ from gmv import app
 from gmv.cli import build_parser
 from gmv.reference import SHIPPED_2020, demo_reference
 from simulator.scenario import scenario_for_year
-from ticker.core.dimensions import FESTIVAL_2020, Dimensions
+from ticker.core.dimensions import FESTIVAL_2020, Dimensions, Window
 from ticker.core.errors import ConfigError
 from ticker.core.feed import Feed
 from ticker.core.reference import MAX_HEADER_BYTES, Reference, dump, parse
@@ -363,3 +363,28 @@ def test_reference_sizes_of_dimensions_are_checked():
         Dimensions(n_brands=0)
     with pytest.raises(ValueError, match="country: must be uint8"):
         Reference(Dimensions(), "", np.zeros(3, np.uint8), None, {})
+
+
+@pytest.mark.parametrize("minutes", [15_840, 10**6])
+def test_totals_with_256_countries_and_platforms_fit_the_servers_bound_at_worst(minutes):
+    """An aggregator without a file reports 256 countries and 256 platforms: with every
+    figure as long as the bounds allow its totals message still passes the server's bound."""
+    from ticker.core.feed import MAX_MESSAGE_BYTES, parse_totals
+    from ticker.core.wire import MAX_TOTAL
+
+    state = AggregateState(app._limits(Window(FESTIVAL_2020.start, minutes, "long")))
+    state.latest_minute = minutes - 1
+    spread = MAX_TOTAL // 1440 if minutes == 15_840 else MAX_TOTAL // minutes
+    state.gmv_by_minute[-1440:] = state.orders_by_minute[-1440:] = spread
+    if minutes > 15_840:
+        state.gmv_by_minute[:] = spread  # the curve's buckets as long as they get
+    state.gmv_by_brand[:10] = 10**15
+    state.big_brand_minutes = [minutes - 1] * 1000
+    state.gmv_cents = state.orders = MAX_TOTAL
+    for column in (state.gmv_by_country, state.orders_by_country, state.gmv_by_platform,
+                   state.orders_by_platform):
+        column[:] = MAX_TOTAL // 256
+    window = {**FESTIVAL_2020.as_dict(), "minutes": minutes}
+    payload = orjson.dumps({"v": 1, "shard": "0", "window": window, **state.snapshot()})
+    assert len(payload) < 70_000 < MAX_MESSAGE_BYTES, len(payload)
+    parse_totals("0", orjson.loads(payload))

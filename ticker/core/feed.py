@@ -26,7 +26,9 @@ import orjson
 from ticker.core.dimensions import BIG_BRAND_CENTS, DEFAULT_DIMENSIONS, MAX_COUNTRIES, \
     MAX_CURVE_BUCKETS, MAX_PLATFORMS, Dimensions, curve_bucket_minutes
 
-MAX_MESSAGE_BYTES = 65_536      # a totals message is about 28 KiB (1,440 recent minutes)
+# A totals message is about 28 KiB (1,440 recent minutes); at worst 64 KiB with 256 countries
+# and 256 platforms, every figure as long as its bound allows (tests/test_reference.py).
+MAX_MESSAGE_BYTES = 131_072
 MAX_COUNT = 2**53 - 1           # exact in JavaScript too
 MAX_WINDOW_MINUTES = 10**6
 RECENT_MINUTES = 1440           # what the aggregator reports of its latest minutes
