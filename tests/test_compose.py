@@ -13,6 +13,7 @@ import os
 import pwd
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -100,6 +101,24 @@ def test_every_gmv_service_command_parses_with_the_real_cli():
         assert args.control_token_file == "/run/secrets/control_token", name
         assert "control_token" in secrets_of(service), name
         assert service["image"] == "gmv-ticker:local" and service["build"] == ".", name
+
+
+def compose_cli() -> list[str] | None:
+    """A docker compose that can read the file without an engine: the plugin, or the
+    standalone docker-compose (Debian's package), if either is installed."""
+    if shutil.which("docker") and subprocess.run(
+            ["docker", "compose", "version"], capture_output=True, timeout=20).returncode == 0:
+        return ["docker", "compose"]
+    return ["docker-compose"] if shutil.which("docker-compose") else None
+
+
+@pytest.mark.skipif(compose_cli() is None, reason="no docker compose installed")
+def test_docker_compose_itself_accepts_the_file():
+    """`docker compose config` (no engine needed) validates the file against the compose
+    schema and resolves its anchors, interpolation and paths."""
+    done = subprocess.run([*compose_cli(), "-f", str(ROOT / "docker-compose.yml"), "config",
+                           "-q"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and not done.stderr.strip(), done.stderr
 
 
 def test_the_secrets_are_the_files_make_secrets_writes():
