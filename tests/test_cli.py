@@ -64,11 +64,14 @@ def wait_totals(port: int, done, timeout: float = 60) -> dict:
 
 
 def test_separate_processes_conserve_the_total(mosquitto, topics, capsys):
-    """`gmv aggregate`, `gmv serve` and `gmv simulate` as processes agree to the cent."""
+    """`gmv aggregate`, `gmv serve` and `gmv simulate` as processes agree to the cent; with
+    `--reference` the aggregator counts first-time brands and the server names the brands."""
+    from gmv.reference import SHIPPED_2020
     broker = ["--broker", mosquitto.url, "--prefix", topics.prefix]
+    reference = ["--reference", str(SHIPPED_2020)]
     port = free_port()
-    procs = [subprocess.Popen(GMV + ["aggregate", *broker]),
-             subprocess.Popen(GMV + ["serve", *broker, "--port", str(port)])]
+    procs = [subprocess.Popen(GMV + ["aggregate", *broker, *reference]),
+             subprocess.Popen(GMV + ["serve", *broker, "--port", str(port), *reference])]
     try:
         wait_for_port(port)
         time.sleep(0.5)  # let the aggregator subscribe
@@ -76,6 +79,8 @@ def test_separate_processes_conserve_the_total(mosquitto, topics, capsys):
         report = orjson.loads(capsys.readouterr().out)
         totals = wait_totals(port, lambda t: t["gmv_cents"] == TOTAL and t["minute"] == 15839)
         assert report["gmv_cents"] == TOTAL and totals["orders"] == report["orders"]
+        assert 0 < totals["brands_first_time_active"] <= totals["brands_overseas_active"]
+        assert re.fullmatch(r"[A-Z]{2} brand \d{5}", totals["top_brands"][0]["name"])
     finally:
         for proc in procs:
             proc.terminate()
