@@ -120,6 +120,8 @@ def spawn(tmp_path: Path):
     started: list[Gmv] = []
 
     def start(name: str, *args: str) -> Gmv:
+        if name == "aggregate":  # the 2020 dimensions, which the checkpoints are loaded with
+            args = (*args, "--reference", str(ROOT / "data" / "reference-2020.toml"))
         process = Gmv(name, [name, *args], tmp_path / f"{name}-{len(started)}.log")
         started.append(process)
         return process
