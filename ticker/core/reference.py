@@ -95,7 +95,8 @@ def parse_header(data: bytes, file: str) -> Header:
         doc = tomllib.loads(_text(data, file))
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{file}: not TOML ({exc})") from None
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+    if doc.get("format") != FORMAT or type(doc.get("version")) is not int \
+            or doc["version"] != VERSION:
         raise ConfigError(f"{file}: format={_short(doc.get('format'))}, version="
                           f"{_short(doc.get('version'))}: expected format = \"{FORMAT}\", "
                           f"version = {VERSION} (docs/reference-data.md)")
