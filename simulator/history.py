@@ -94,10 +94,12 @@ class Milestone:
     @property
     def model_time(self) -> datetime:
         """When the model reaches `amount` (Beijing time)."""
+        assert self.model_minutes is not None, "a milestone the model was not run on"
         return self.published + timedelta(minutes=self.model_minutes - self.published_minutes)
 
     @property
     def difference_seconds(self) -> float:
+        assert self.model_minutes is not None, "a milestone the model was not run on"
         return (self.model_minutes - self.published_minutes) * 60
 
     @property
@@ -218,9 +220,9 @@ def _published_milestones(year: int) -> tuple[Milestone, ...]:
 
 def _payments_per_order() -> tuple[float, float]:
     """log(peak payments / peak orders) = a + b * year, over the years that publish both."""
-    both = [f for f in festivals().values() if f.peak_payments_per_s and f.peak_orders_per_s]
-    b, a = np.polyfit([f.year for f in both],
-                      [np.log(float(f.peak_payments_per_s) / f.peak_orders_per_s) for f in both], 1)
+    both = [(f.year, float(payments) / orders) for f in festivals().values()
+            if (payments := f.peak_payments_per_s) and (orders := f.peak_orders_per_s)]
+    b, a = np.polyfit([year for year, _ in both], [np.log(r) for _, r in both], 1)
     return float(a), float(b)
 
 
@@ -252,8 +254,9 @@ def published(year: int) -> Published:
         return None if payments is None else payments * fest.aov_rmb * 86_400 / fest.gmv_rmb
     if (own := ratio(year)) is not None:
         return Published(year, own)
-    known = [y for y in festival_years() if _one_day(y) and ratio(y) is not None]
-    return Published(year, float(np.exp(np.interp(year, known, [np.log(ratio(y)) for y in known]))))
+    known = {y: r for y in festival_years() if _one_day(y) and (r := ratio(y)) is not None}
+    return Published(year, float(np.exp(np.interp(year, list(known),
+                                                  np.log(list(known.values()))))))
 
 
 def observed() -> dict[int, Observed]:

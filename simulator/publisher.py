@@ -51,8 +51,11 @@ M = TypeVar("M", OrderBatch, ChatbotCount)
 
 
 class Source(Protocol):
-    name: str
-    window: Window
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def window(self) -> Window: ...
 
     def messages(self, minute: int) -> list[Message]:
         """The minute's batches and counts (producer and seq are filled in when published)."""

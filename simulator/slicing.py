@@ -117,4 +117,5 @@ def merge(parts: list[OrderBatch]) -> OrderBatch:
         order = np.argsort(minutes, kind="stable")
         minutes = minutes[order]
         columns = {name: column[order] for name, column in columns.items()}
-    return OrderBatch("", 0, int(minutes[-1]), **columns, minute_runs=minute_runs(minutes))
+    return OrderBatch("", 0, int(minutes[-1]), columns["amount_cents"], columns["brand"],
+                      columns["country"], columns["platform"], minute_runs=minute_runs(minutes))

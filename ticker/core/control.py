@@ -71,7 +71,8 @@ def parse_command(doc: object) -> Command:
         speed = doc.get("speed")
         if speed == "max":
             return Command("speed", None)
-        if type(speed) not in (int, float) or not 0 < speed < math.inf:
+        if not isinstance(speed, (int, float)) or isinstance(speed, bool) \
+                or not 0 < speed < math.inf:
             raise ControlError(f"speed={_short(speed)}: must be a positive number or 'max'")
         return Command("speed", float(speed))
     if cmd == "seek":
@@ -130,8 +131,8 @@ class Verifier:
         if doc.get("v") != 1:
             raise ControlError(f"v={_short(doc.get('v'))}: expected 1")
         ts, nonce = doc.get("ts"), doc.get("nonce")
-        if type(ts) not in (int, float) or not isinstance(nonce, str) \
-                or not _NONCE.fullmatch(nonce):
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool) \
+                or not isinstance(nonce, str) or not _NONCE.fullmatch(nonce):
             raise ControlError("a command needs \"ts\" and a 32-hex-digit \"nonce\"")
         if abs(now - ts) > self.max_age:
             raise ControlError(f"stale: sent {now - ts:.0f} s ago" if ts < now

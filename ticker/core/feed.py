@@ -299,8 +299,9 @@ def merge_shards(shards: dict[str, dict],
     top = heapq.nsmallest(TOP_BRANDS, (row for p in parts for row in p.get("top_brands", [])),
                           key=lambda row: (-row[1], row[0]))
     widths = {p.get("curve_bucket_minutes") for p in parts}
+    width = widths.pop() if len(widths) == 1 else None
     curve = None
-    if len(widths) == 1 and None not in widths:
+    if width is not None:
         sums = [0] * max(len(p["curve_cents"]) for p in parts)
         for p in parts:
             for i, value in enumerate(p["curve_cents"]):
@@ -309,7 +310,6 @@ def merge_shards(shards: dict[str, dict],
         for value in sums:
             running += value
             cumulative.append(running)
-        width = widths.pop()
         # Only the buckets that are complete: the one still filling grows with every update,
         # and resending the whole curve each time tripled the update frames. A viewer draws
         # the filling bucket from `gmv_cents` at `minute`.
@@ -322,7 +322,8 @@ def merge_shards(shards: dict[str, dict],
         "orders": total("orders"),
         "brands_active": total("brands_active"),
         "brands_overseas_active": total("brands_overseas_active"),
-        "brands_first_time_active": (sum(first_time) if parts and None not in first_time
+        "brands_first_time_active": (sum(n for n in first_time if n is not None)
+                                     if parts and None not in first_time
                                      else None),
         "brands_big": total("brands_big") if one_line else None,
         "brands_big_threshold_cents": lines.pop() if one_line else None,

@@ -187,10 +187,12 @@ def decode_chatbot(payload: bytes, limits: Limits) -> ChatbotCount:
     """Parse and validate one chatbot count (JSON only), or raise `BatchError`."""
     doc = _small_json(payload)
     producer = _producer(doc.get("producer"))
-    values = {name: doc.get(name) for name in ("seq", "minute", "queries")}
-    for name, value in values.items():
+    values: dict[str, int] = {}
+    for name in ("seq", "minute", "queries"):
+        value = doc.get(name)
         if type(value) is not int:
             raise BatchError("bad_type", f"{name}={value!r} is not an integer")
+        values[name] = value
     if not 0 <= values["seq"] <= MAX_SEQ or not 0 <= values["minute"] < limits.n_minutes:
         raise BatchError("out_of_range", f"seq={values['seq']}, minute={values['minute']}")
     if not 0 <= values["queries"] <= MAX_CHATBOT_QUERIES:

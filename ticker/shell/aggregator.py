@@ -188,7 +188,7 @@ class Aggregator:
             # A clean stop keeps everything applied so far; what was not acknowledged will be
             # redelivered and dropped as a duplicate. (After a failure nothing is written: the
             # last checkpoint stands and the broker redelivers the rest.)
-            if self.durable:  # synchronously: nothing may cancel it half-way
+            if self.checkpoint_path is not None:  # synchronously: nothing may cancel it
                 checkpoint.save(self.checkpoint_path, checkpoint.export(self.state))
             raise
 
@@ -248,7 +248,7 @@ class Aggregator:
         """An operator's signed `reset`: the totals start again from zero. Everything before
         it is checkpointed and kept as PATH.before-reset, so a reset can be undone by hand
         (stop the aggregator, move that file back)."""
-        if self.durable:
+        if self.checkpoint_path is not None:
             await self.checkpoint(client)
             await asyncio.to_thread(checkpoint.backup, self.checkpoint_path)
         self.state.reset()
@@ -281,9 +281,10 @@ class Aggregator:
 
     async def _save(self) -> dict[str, dict | None]:
         """Checkpoint now; the acks that this checkpoint makes true."""
-        start = time.monotonic()
+        start, path = time.monotonic(), self.checkpoint_path
+        assert path is not None, "only a durable aggregator checkpoints"
         data, acks = checkpoint.export(self.state), self.state.take_acks()
-        await asyncio.to_thread(checkpoint.save, self.checkpoint_path, data)
+        await asyncio.to_thread(checkpoint.save, path, data)
         self._last_checkpoint = time.monotonic()
         self.last_checkpoint_duration = self._last_checkpoint - start
         self.checkpoint_seconds += self.last_checkpoint_duration
@@ -311,12 +312,11 @@ class Aggregator:
         while True:
             if not self.durable:
                 self._acks_due.set()
-            snapshot = self.state.snapshot()
-            if snapshot["gaps"] > last_gaps:
+            snapshot, gaps = self.state.snapshot(), self.state.watermarks.gaps
+            if gaps > last_gaps:
                 log.warning("%d batches missing from producers' sequences: the broker may have "
-                            "dropped them (see max_queued_messages in docs/reliability.md)",
-                            snapshot["gaps"])
-            last_gaps = snapshot["gaps"]
+                            "dropped them (see max_queued_messages in docs/reliability.md)", gaps)
+            last_gaps = gaps
             body = orjson.dumps(snapshot)
             now = time.monotonic()
             # On change, and every second regardless, so watchers can tell we are alive.

@@ -12,9 +12,10 @@ import contextlib
 import logging
 import math
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiomqtt
@@ -22,6 +23,7 @@ import aiomqtt
 from ticker.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,7 @@ class _Client(aiomqtt.Client):
     on Python 3.11 wait_for can swallow a cancellation that lands as the awaited PUBACK does
     (cpython#86296), and a stopped aggregator's task then went on publishing for ever."""
 
-    async def _wait_for(self, fut, timeout):  # type: ignore[no-untyped-def]
+    async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:
         timeout = self.timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(None if timeout == math.inf else timeout):
@@ -159,12 +161,13 @@ def _fail_fast_before_connack(client: aiomqtt.Client) -> None:
     mqtt:// to a TLS port); fail the connection attempt at once instead."""
     paho, original = client._client, client._client.on_disconnect
 
-    def on_disconnect(*args: object) -> None:
+    def on_disconnect(*args: Any) -> None:  # paho's callback, of any of its signatures
         if not client._connected.done():
             client._connected.set_exception(aiomqtt.MqttError(
                 "the broker closed the connection before accepting it "
                 "(a TLS port needs mqtts://)"))
-        original(*args)
+        if original is not None:
+            original(*args)
     paho.on_disconnect = on_disconnect
 
 
@@ -189,7 +192,7 @@ class ConnectionStats:
 
 
 async def reconnecting(broker: BrokerSettings, identifier: str,
-                       session: Callable[[aiomqtt.Client], Awaitable[None]], *,
+                       session: Callable[[aiomqtt.Client], Coroutine[Any, Any, None]], *,
                        clean_session: bool = True, manual_ack: bool = False,
                        stats: ConnectionStats | None = None) -> None:
     """Run `session(client)` forever, reconnecting with exponential backoff (0.2 s to 5 s);

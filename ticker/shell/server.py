@@ -40,6 +40,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.typing import Origin
 
 from ticker.core.control import ControlError, FailureLimiter, parse_command, read_answer, sign
 from ticker.core.dimensions import DEFAULT_DIMENSIONS, Dimensions
@@ -216,9 +217,11 @@ class TickerServer:
 
     async def serve(self, host: str, port: int) -> Server:
         # A large backlog: a wall of screens reconnecting at once after a restart.
+        origins = None if self.allowed_origins is None \
+            else [Origin(origin) for origin in self.allowed_origins]
         return await serve(self._viewer, host, port, process_request=self._http,
                            compression=None, max_size=self.max_message_bytes,
-                           origins=self.allowed_origins, server_header="gmv-ticker",
+                           origins=origins, server_header="gmv-ticker",
                            backlog=2048)
 
     async def _viewer(self, ws: ServerConnection) -> None:
