@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -207,3 +208,18 @@ def test_the_lag_metric_keeps_a_bounded_number_of_series():
 def test_every_dashboard_metric_is_documented():
     """The Grafana dashboard queries only metrics that docs/metrics.md names."""
     assert not dashboard_metrics() - documented()
+
+
+def test_a_busy_metrics_port_exits_2_with_one_line(mosquitto, topics, capsys):
+    """`--metrics-port` on a port in use is a setting error naming it, not a traceback."""
+    from gmv.cli import main
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["aggregate", "--broker", mosquitto.url, "--prefix", topics.prefix,
+                     "--no-checkpoint", "--metrics-port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.splitlines()[-1].startswith(f"gmv: error: --metrics-port={port}: cannot listen")
