@@ -1,7 +1,7 @@
 #!/bin/sh
-# One-off, before the first `docker compose up`: a random password for every login of
-# docker-compose.yml, the broker's password file, and the replay control token, all in
-# deploy/secrets/ (never committed; .gitignore). Run it again to add what is missing: it
+# One-off, before the first `docker compose up`: a random password for every MQTT login of
+# docker-compose.yml, the broker's password file, the replay control token and Grafana's
+# admin password, all in deploy/secrets/ (never committed; .gitignore). Run it again to add what is missing: it
 # keeps existing passwords and rewrites the password file from them. To change a password,
 # delete its file, run this again, then `docker compose restart` (docs/deploy.md).
 set -eu
@@ -17,6 +17,8 @@ for user in $users; do
     [ -s "secrets/$user.pw" ] || random 24 > "secrets/$user.pw"
 done
 [ -s secrets/control.token ] || random 32 > secrets/control.token
+# Grafana's admin (the monitoring profile), not an MQTT login.
+[ -s secrets/grafana-admin.pw ] || random 16 > secrets/grafana-admin.pw
 
 # user:password lines, hashed in place (PBKDF2-SHA512) by the broker image's
 # mosquitto_passwd -U, then owned by its mosquitto user, mode 600.
@@ -32,4 +34,4 @@ docker run --rm --network none -v "$PWD/secrets:/secrets" --entrypoint /bin/sh "
 # a file mounted on its own keeps its mode, so it must be readable by others (the 0700
 # directory keeps other users of this machine out).
 chmod 644 secrets/*.pw secrets/control.token
-echo "deploy/secrets: logins for $users; the password file; control.token"
+echo "deploy/secrets: logins for $users; the password file; control.token; grafana-admin.pw"

@@ -127,8 +127,9 @@ def test_the_secrets_are_the_files_make_secrets_writes():
     for name, spec in COMPOSE["secrets"].items():
         file = Path(spec["file"])
         assert file.parent == Path("deploy/secrets"), name
-        assert file.name == "control.token" or file.stem in logins(), name
-    assert "secrets/control.token" in script and "secrets/passwd" in script
+        assert file.name in ("control.token", "grafana-admin.pw") or file.stem in logins(), name
+        assert f"secrets/{file.name}" in script or file.stem in logins(), name
+    assert "secrets/passwd" in script
     assert "deploy/secrets/" in (ROOT / ".gitignore").read_text().splitlines()
     assert "deploy/secrets" in (ROOT / ".dockerignore").read_text().splitlines()
 
@@ -182,8 +183,8 @@ def test_each_shard_has_its_own_volume_and_checkpoint():
 
 
 def test_every_service_has_a_health_check_and_a_restart_policy():
-    """Every service has a health check; the broker, the shards and the servers restart by
-    themselves, and wait for a healthy broker; the one-shot simulator is never restarted
+    """Every service has a health check; all but the simulator restart by themselves, and
+    every gmv service waits for a healthy broker; the one-shot simulator is never restarted
     (run again, it would publish the festival again on top of the totals)."""
     for name, service in SERVICES.items():
         test = service["healthcheck"]["test"]
@@ -194,7 +195,7 @@ def test_every_service_has_a_health_check_and_a_restart_policy():
             assert {"broker", *gmv_services("aggregate")} == set(service["depends_on"])
         else:
             assert restart in ("always", "unless-stopped", "on-failure"), name
-        if name != "broker":
+        if name in gmv_services():
             assert service["depends_on"]["broker"] == {"condition": "service_healthy"}, name
         for condition in service.get("depends_on", {}).values():
             assert condition == {"condition": "service_healthy"}, name
@@ -221,6 +222,39 @@ def test_the_gmv_health_checks_ask_the_port_each_service_serves():
             assert service["ports"] == [f"127.0.0.1:{port}:{port}"], name
         else:
             assert test[3:] == ["--mqtt", "1883"], name
+
+
+def test_the_monitoring_profile_scrapes_every_shard_and_server():
+    """`--profile monitoring` adds Prometheus, scraping each shard's --metrics-port and each
+    server's HTTP port (deploy/prometheus.yml), and Grafana with deploy/grafana-dashboard.json
+    on that Prometheus; without the profile neither starts."""
+    monitoring = {n for n, s in SERVICES.items() if "monitoring" in s.get("profiles", [])}
+    assert monitoring == {"prometheus", "grafana"}
+    assert all("profiles" not in s for n, s in SERVICES.items() if n not in monitoring)
+    scrape = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    mounted = SERVICES["prometheus"]["volumes"][0]
+    assert (mounted["source"], mounted["target"]) == ("./deploy/prometheus.yml",
+                                                      "/etc/prometheus/prometheus.yml")
+    targets = {job["job_name"]: sorted(t for c in job["static_configs"] for t in c["targets"])
+               for job in scrape["scrape_configs"]}
+    assert targets == {
+        "gmv-aggregator": sorted(f"{n}:{option(s, '--metrics-port')}"
+                                 for n, s in gmv_services("aggregate").items()),
+        "gmv-server": sorted(f"{n}:{option(s, '--port')}"
+                             for n, s in gmv_services("serve").items()),
+    }
+    for name, service in gmv_services("aggregate").items():
+        assert option(service, "--metrics-host") == "0.0.0.0", name  # reachable in the network
+    grafana = {v["target"]: v["source"] for v in SERVICES["grafana"]["volumes"]
+               if isinstance(v, dict)}
+    assert grafana["/var/lib/grafana/dashboards/gmv.json"] == "./deploy/grafana-dashboard.json"
+    for source in grafana.values():
+        assert (ROOT / source).is_file(), source
+    source = yaml.safe_load((DEPLOY / "grafana" / "datasource.yml").read_text())["datasources"]
+    assert [d["url"] for d in source] == ["http://prometheus:9090"]
+    assert SERVICES["prometheus"]["ports"] == ["127.0.0.1:9090:9090"]
+    provider = yaml.safe_load((DEPLOY / "grafana" / "dashboards.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
 def test_the_health_checks_ask_for_documented_metrics():
