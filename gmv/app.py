@@ -35,9 +35,13 @@ from simulator.scenario import Scenario, scenario_for_year
 from ticker.shell import checkpoint, metrics
 from ticker.shell.aggregator import Aggregator
 from ticker.core.control import Command, ControlError, minute_of, read_answer, sign
-from ticker.core.dimensions import Window
+from ticker.core.dimensions import DEFAULT_BRANDS, DEFAULT_COUNTRIES, DEFAULT_PLATFORMS, Window
 from ticker.core.errors import ConfigError
+from ticker.core.partitions import Shard
 from ticker.core.feed import Comparison, Currency
+from ticker.core.reference import Reference
+from ticker.shell import reference as reference_file
+from gmv.reference import demo_reference
 from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, ask, connect, \
     watch_control, watch_totals
 from ticker.shell.server import TickerServer, raise_fd_limit
@@ -106,20 +110,40 @@ def comparison_for(year: int) -> Comparison | None:
     return Comparison(label, cumulative)
 
 
-def screen_data(year: int | None, scenario: Scenario | None = None) -> dict:
-    """What the screen server shows beside the totals for a festival year: last year's curve,
-    the (simulated) brand names of the scenario and the year's exchange rate."""
+def screen_data(year: int | None, reference: Reference | None = None) -> dict:
+    """What the screen server shows beside the totals: the brand names and the names of the
+    countries and platforms of the reference data, if any; for a festival year, last year's
+    curve and the year's exchange rate."""
+    out: dict = {} if reference is None else {"brand_name": reference.brand_name,
+                                               "dimensions": reference.dimensions}
     if year is None or year not in festival_years():
-        return {}
+        return out
     fest = festivals()[year]
-    catalog = (scenario or scenario_for_year(year)).catalog
-    return {"comparison": comparison_for(year), "brand_name": catalog.brand_name,
+    return {**out, "comparison": comparison_for(year),
             "currency": Currency(fest.rmb_per_usd, fest.rate_basis)}
 
 
-def _limits(window: Window, brands: int = 250_000) -> Limits:
-    return Limits(n_brands=brands, n_minutes=window.minutes, n_countries=12, n_platforms=3,
+def _limits(window: Window, reference: Reference | None = None,
+            brands: int | None = None) -> Limits:
+    """The ids accepted: the reference's dimensions; without one, `brands` (250,000 by
+    default) and every country and platform id a uint8 column holds."""
+    if reference is None:
+        return Limits(n_brands=brands or DEFAULT_BRANDS, n_minutes=window.minutes,
+                      n_countries=DEFAULT_COUNTRIES, n_platforms=DEFAULT_PLATFORMS,
+                      max_order_cents=10**10)
+    dims = reference.dimensions
+    if brands is not None and brands != dims.n_brands:
+        raise ConfigError(f"--brands={brands}: the reference file declares "
+                          f"{dims.n_brands:,} brands (leave --brands out)")
+    return Limits(n_brands=dims.n_brands, n_minutes=window.minutes,
+                  n_countries=len(dims.countries), n_platforms=len(dims.platforms),
                   max_order_cents=10**10)
+
+
+def _reference(args: argparse.Namespace) -> Reference | None:
+    """`--reference FILE`, read and checked (ConfigError names the file and the line)."""
+    path = getattr(args, "reference", None)
+    return reference_file.load(Path(path)) if path else None
 
 
 # --- commands ---------------------------------------------------------------------------------
@@ -159,20 +183,23 @@ async def play(args: argparse.Namespace, broker: BrokerSettings | None, *,
                 await _check_broker(broker)
             publisher = await stack.enter_async_context(ReliablePublisher(broker))
             flow = await stack.enter_async_context(
-                FlowControl(broker, topics, producer, window=args.window, say=_say))
+                FlowControl(broker, topics, producer, window=args.window,
+                            partitions=args.partitions, say=_say))
             replay = Replay(publisher, source, topics, producer=producer, speed=args.speed,
                             from_minute=from_minute, last_minute=last_minute, loop=args.loop,
                             binary=args.encoding == "binary", control_token=token, flow=flow,
                             say=_say)
             if standalone:  # the aggregator (in memory: the replay starts from zero) and screen
                 year = int(scenario.name) if scenario and scenario.name.isdigit() else None
+                reference = _reference(args) or demo_reference(scenario)
                 aggregator = Aggregator(
-                    broker, topics, _limits(window), window, control_token=token,
-                    first_time=scenario.catalog.first_time if scenario else None)
+                    broker, topics, _limits(window, reference), window, control_token=token,
+                    shard=Shard(partitions=args.partitions or 1),
+                    first_time=reference.first_time if reference else None)
                 server = _ticker_server(
                     args, token, send_control=lambda payload: publisher.send(topics.control,
                                                                              payload),
-                    **screen_data(year, scenario))
+                    **screen_data(year, reference))
                 ws_server = await stack.enter_async_context(
                     await _listen(server, args.host, args.port))
             # Standalone, the task group serves until Ctrl-C; publish-only, it ends with the
@@ -226,11 +253,14 @@ async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
             checkpoint.prepare(path, create_dir=args.checkpoint is None)
             held.enter_context(checkpoint.lock(path))
         scenario = _scenario(args.scenario, args)
-        first_time = scenario.catalog.first_time if args.brands == scenario.n_brands else None
-        limits = dataclasses.replace(_limits(scenario.window, args.brands),
+        # Which brands are first-time is known only from a reference file: without one the
+        # totals say null, and the page hides the figure.
+        reference = _reference(args)
+        first_time = reference.first_time if reference else None
+        limits = dataclasses.replace(_limits(scenario.window, reference, args.brands),
                                      max_producers=args.max_producers)
         aggregator = Aggregator(broker, Topics(args.prefix), limits, scenario.window,
-                                shard=args.shard, checkpoint_path=path,
+                                shard=shard_of(args), checkpoint_path=path,
                                 checkpoint_interval=args.checkpoint_interval,
                                 max_unacked=args.max_unacked, first_time=first_time,
                                 control_token=args.control_token,
@@ -239,7 +269,7 @@ async def aggregate(args: argparse.Namespace, broker: BrokerSettings) -> int:
         state = (f"checkpoint {path}" + (f", resuming {aggregator.state.orders:,} orders"
                                          if aggregator.restored else "")
                  if path else "in memory only (--no-checkpoint): a restart starts from zero")
-        print(f"aggregating {args.prefix}/orders from {broker.url} as shard {args.shard}; "
+        print(f"aggregating {args.prefix}/orders from {broker.url} as shard {aggregator.shard}; "
               f"{state}", file=sys.stderr, flush=True)
         async with metrics.serving(metrics.registry(metrics.AggregatorCollector(aggregator)),
                                    args.metrics_host, args.metrics_port) as endpoint:
@@ -256,10 +286,20 @@ def default_checkpoint(args: argparse.Namespace) -> Path:
     state_dir = os.environ.get("GMV_STATE_DIR") or os.path.join(
         os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state"), "gmv")
     name = "".join(c if c.isalnum() or c in "-." else "_" for c in args.prefix)
-    return Path(state_dir) / f"aggregator-{name}-{args.shard}.ckpt"
+    return Path(state_dir) / f"aggregator-{name}-{shard_of(args).key}.ckpt"
+
+
+def shard_of(args: argparse.Namespace) -> Shard:
+    """`--shard K/N` with `--partitions P` (default N)."""
+    count = args.shard.count
+    if args.partitions is not None and args.partitions < count:
+        raise ConfigError(f"--partitions={args.partitions}: fewer than the {count} shards of "
+                          f"--shard {args.shard.index}/{count}")
+    return Shard(args.shard.index, count, args.partitions or count)
 
 
 async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
+    reference = _reference(args)  # a bad file fails before the broker is touched
     await _check_broker(broker)
     topics = Topics(args.prefix)
     async with AsyncExitStack() as stack:
@@ -267,8 +307,7 @@ async def serve(args: argparse.Namespace, broker: BrokerSettings) -> int:
         server = _ticker_server(
             args, args.control_token,
             send_control=lambda payload: publisher.send(topics.control, payload),
-            expected_shards=args.shards, **screen_data(int(args.scenario),
-                                                       _scenario(args.scenario, args)))
+            expected_shards=args.shards, **screen_data(int(args.scenario), reference))
         ws_server = await stack.enter_async_context(await _listen(server, args.host, args.port))
         tg = await stack.enter_async_context(asyncio.TaskGroup())
         tg.create_task(watch_totals(broker, topics, server.receive_message,
@@ -311,9 +350,10 @@ async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
                         message = await anext(messages)
                 except TimeoutError:
                     break
-                kind = CHATBOT if topics.kind(message.topic.value)[0] == "chatbot" else ORDERS
-                writer.write(kind, message.payload if isinstance(message.payload, bytes)
-                             else b"")
+                name, levels = topics.kind(message.topic.value)
+                writer.write(CHATBOT if name == "chatbot" else ORDERS,
+                             message.payload if isinstance(message.payload, bytes) else b"",
+                             int(levels[1]) if levels[1:] and levels[1].isdecimal() else 0)
     finally:
         file.close()
         print(f"recorded {writer.messages:,} messages, {writer.orders:,} orders, "

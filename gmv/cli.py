@@ -18,8 +18,9 @@ from urllib.parse import urlsplit
 from simulator.scenario import scenario_names
 
 from gmv import app
-from ticker.core.dimensions import BIG_BRAND_CENTS
+from ticker.core.dimensions import BIG_BRAND_CENTS, MAX_BRANDS
 from ticker.core.errors import ConfigError
+from ticker.core.partitions import MAX_PARTITIONS, Shard
 from ticker.shell.mqtt import BrokerSettings
 from ticker.core.wire import PRODUCER_ID
 
@@ -62,10 +63,17 @@ def _origin(text: str) -> str:
     return text
 
 
-def _shard(text: str) -> str:
-    if not (text.isascii() and text.isdecimal()) or str(int(text)) != text:
-        raise argparse.ArgumentTypeError(f"must be a shard number 0, 1, ..., not {text!r}")
-    return text
+def _shard(text: str) -> Shard:
+    try:
+        return Shard.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def partitions(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--partitions", type=_positive(int, MAX_PARTITIONS), metavar="P",
+                        help="brand partitions in all: orders are split by brand %% P "
+                             f"(default: {default})")
 
 
 def _natural(text: str) -> int:
@@ -130,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="messages published ahead of what the aggregators have applied "
                             "(default 200; keep it below the broker's queue limit, "
                             "Mosquitto's is 1000)")
+        partitions(p, "as many as the running shards have")
         p.add_argument("--json", action="store_true", help="print the final report as JSON")
         control(p)
 
@@ -145,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "e.g. https://screens.example.com (default: any)")
         p.add_argument("--max-viewers", type=_positive(int, 1_000_000), default=10_000,
                        help="open websockets at most; more get HTTP 503 (default 10000)")
+        reference(p, "brand, country and platform names on the page" if p.prog.endswith(
+            " serve") else "the aggregator's brands, countries, platforms and first-time "
+            "brands, and the page's names (default: the scenario's own, "
+            "data/reference-2020.toml at seed 2020)")
+
+    def reference(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--reference", metavar="FILE", type=Path,
+                       help=f"reference data (docs/reference-data.md): {what}")
 
     demo = commands.add_parser("demo", help="broker, simulator, aggregator and ticker in one")
     broker(demo, required=False, embedded=" (default: an embedded broker)")
@@ -183,12 +200,17 @@ def build_parser() -> argparse.ArgumentParser:
     agg = commands.add_parser("aggregate", help="consume orders into numpy totals")
     broker(agg, required=True)
     scenario(agg, "whose window and brand reference data to use")
-    agg.add_argument("--shard", type=_shard, default="0",
-                     help="shard number, 0..N-1 of `gmv serve --shards N` (default 0)")
+    agg.add_argument("--shard", type=_shard, default=Shard(), metavar="K/N",
+                     help="shard K of N: owns the partitions p with p %% N == K; N is `gmv "
+                          "serve --shards N` (default 0/1)")
+    partitions(agg, "N; shard K of N owns the partitions p with p %% N == K")
     agg.add_argument("--seed", type=_natural, default=2020,
                      help="the simulator's seed (brand data)")
-    agg.add_argument("--brands", type=_positive(int, 2**32 - 1), default=250_000,
-                     help="brand ids accepted: 0..N-1 (default 250000)")
+    agg.add_argument("--brands", type=_positive(int, MAX_BRANDS), default=None,
+                     help="brand ids accepted without --reference: 0..N-1 (default 250000)")
+    reference(agg, "the brands, countries and platforms accepted and which brands are "
+                   "first-time (default: none; countries and platforms 0-255 are accepted "
+                   "and the first-time count is unknown)")
     saving = agg.add_mutually_exclusive_group()
     saving.add_argument("--checkpoint", metavar="PATH", type=Path,
                         help="checkpoint file: restored on start, written atomically; batches "
@@ -223,6 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="orders/s offered, the peak with --shape festival (default 583000)")
     bench.add_argument("--shape", choices=("constant", "festival"), default="constant",
                        help="constant rate, or the 2020 curve squeezed into the duration")
+    bench.add_argument("--source", choices=("pool", "festival"), default="pool",
+                       help="pool: batches of one busy 2020 minute, re-stamped (default); "
+                            "festival: the scenario's orders from its first minute, generated "
+                            "live (with --shape festival: every minute, spread over the "
+                            "duration)")
+    bench.add_argument("--scenario", choices=scenario_names(), default="2020",
+                       help="festival year of --source festival (default 2020)")
+    bench.add_argument("--order-scale", type=_positive(float, 1.0), default=None,
+                       help="order scale of --source festival (default 1; with --shape "
+                            "festival: the one whose busiest second offers --rate)")
     bench.add_argument("--duration", type=_positive(float), default=60.0,
                        help="seconds of load (default 60)")
     bench.add_argument("--orders", type=_positive(int), help="stop after this many orders")
@@ -232,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--qos", type=int, choices=(0, 1), default=1)
     bench.add_argument("--producers", type=_positive(int, 16), default=1,
                        help="producer processes (default 1)")
+    bench.add_argument("--shards", type=_positive(int, 16), default=1,
+                       help="aggregator shards, one brand partition each (default 1)")
     bench.add_argument("--inflight", type=_positive(int, 65535), default=64,
                        help="unacknowledged QoS 1 batches per producer (default 64)")
     bench.add_argument("--drain-timeout", type=_positive(float), default=30.0,
@@ -244,9 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="aggregator shards 0..N-1 to merge; totals from any other shard id "
                           "are ignored and flagged (default 1)")
     scenario(srv, "to compare with the year before")
-    srv.add_argument("--seed", type=_natural, default=2020,
-                     help="the simulator's seed: which country each brand shown is from "
-                          "(the names are simulated, e.g. 'US brand 00042')")
+    srv.add_argument("--seed", type=_natural, default=2020, help=argparse.SUPPRESS)
     serving(srv)
     control(srv)
     return parser

@@ -3,7 +3,8 @@
 File format: the line `GMVREC1\\n`, a JSON header line (window, brands), then one record per
 message: a kind byte (0 orders, 1 chatbot), a little-endian uint32 length, the payload as it
 came off the wire. A (producer, seq) is written once even if the broker delivered it twice,
-so a replay of the file adds up to exactly what was aggregated.
+so a replay of the file adds up to exactly what was aggregated. A recording keeps no
+partitions: a replay splits the batches again, by its own.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import BinaryIO
 import orjson
 
 from ticker.core.dimensions import Window
+from ticker.core.partitions import stream_name
 from ticker.core.sequence import Watermarks
 from ticker.core.wire import BatchError, ChatbotCount, Limits, OrderBatch, decode, decode_chatbot
 
@@ -44,18 +46,20 @@ class RecordingWriter:
         file.write(MAGIC + orjson.dumps({"window": window.as_dict(), "n_brands": n_brands})
                    + b"\n")
 
-    def write(self, kind: int, payload: bytes) -> bool:
-        """Record one message if valid and new; False if skipped (invalid or a duplicate)."""
+    def write(self, kind: int, payload: bytes, partition: int = 0) -> bool:
+        """Record one message of `partition` (its topic's) if valid and new; False if skipped
+        (invalid or a duplicate: a (producer, partition, seq) seen before)."""
         try:
             message = decode_chatbot(payload, self.limits) if kind == CHATBOT \
                 else decode(payload, self.limits)
-            if self.seen.seen(message.producer, message.seq):
+            stream = stream_name(message.producer, partition)
+            if self.seen.seen(stream, message.seq):
                 raise BatchError("duplicate", "")
-            self.seen.admit(message.producer, message.seq)
+            self.seen.admit(stream, message.seq)
         except BatchError:
             self.skipped += 1
             return False
-        self.seen.mark(message.producer, message.seq)
+        self.seen.mark(stream, message.seq)
         self.file.write(_RECORD.pack(kind, len(payload)) + payload)
         self.messages += 1
         if isinstance(message, OrderBatch):

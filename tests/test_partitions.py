@@ -4,6 +4,7 @@ check, and three shards' totals merging into exactly one shard's view."""
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import numpy as np
 import orjson
@@ -11,11 +12,13 @@ import pytest
 
 from simulator.flow import AckWindow
 from simulator.publisher import ScenarioSource
+from simulator.recording import ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
 from ticker.core.feed import merge_shards, parse_totals
 from ticker.core.partitions import Shard, split, stream_name, stream_of
 from ticker.core.state import AggregateState
-from ticker.core.wire import BatchError, Limits, OrderBatch, minute_runs
+from ticker.core.dimensions import FESTIVAL_2020
+from ticker.core.wire import BatchError, Limits, OrderBatch, encode, minute_runs
 from ticker.shell import checkpoint
 from ticker.shell.mqtt import Topics
 
@@ -160,3 +163,12 @@ def test_the_window_bounds_each_shard_over_all_the_partitions_it_owns():
     assert acks.room(5, 0.1, partition=2) and acks.applied(0.1, partition=2) == 3
     verdict = acks.verdict([5, 0, 3], 8, 80, 0.1)
     assert verdict.unapplied == 5 and verdict.applied_orders == 3 and not verdict.exact
+
+
+def test_a_recording_keeps_the_same_seq_of_two_partitions_and_drops_a_redelivery():
+    """Seq 0 of partitions 0 and 1 are two batches, not a duplicate: both are recorded."""
+    writer = RecordingWriter(io.BytesIO(), FESTIVAL_2020, 250_000)
+    payload = encode(batch([3]))
+    assert writer.write(ORDERS, payload, 0) and writer.write(ORDERS, encode(batch([4])), 1)
+    assert not writer.write(ORDERS, payload, 0)
+    assert (writer.messages, writer.orders, writer.skipped) == (2, 2, 1)
