@@ -134,6 +134,54 @@ def test_the_secrets_are_the_files_make_secrets_writes():
     assert "deploy/secrets" in (ROOT / ".dockerignore").read_text().splitlines()
 
 
+def can_run_make_secrets() -> bool:
+    try:
+        pwd.getpwnam("mosquitto")  # the image's user, which gets the password file
+    except KeyError:
+        return False
+    return os.getuid() == 0 and Path(MOSQUITTO_PASSWD).exists()
+
+
+@pytest.mark.skipif(not can_run_make_secrets(),
+                    reason="needs root, mosquitto_passwd and a mosquitto user")
+def test_make_secrets_writes_every_login_once_and_keeps_them(tmp_path):
+    """deploy/make-secrets.sh, its `docker run` of the broker image played by this machine's
+    mosquitto_passwd: a random password per login, the token, Grafana's password, readable
+    in a 0700 directory; the password file hashed, the broker's own, mode 600; run again,
+    every password stays and the password file is made anew from them."""
+    (tmp_path / "deploy").mkdir()
+    script = tmp_path / "deploy" / "make-secrets.sh"
+    script.write_text((DEPLOY / "make-secrets.sh").read_text())
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "docker"  # docker run ... -v HOST:/secrets ... -c COMMAND
+    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\nargs = sys.argv[1:]\n"
+                    "host = args[args.index('-v') + 1].split(':')[0]\n"
+                    "command = args[args.index('-c') + 1].replace('/secrets', host)\n"
+                    "sys.exit(subprocess.run(['/bin/sh', '-c', command]).returncode)\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    secrets = tmp_path / "deploy" / "secrets"
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(["/bin/sh", str(script)], env=env, capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        runs.append({f.name: f.read_text() for f in secrets.iterdir() if f.name != "passwd"})
+        passwd = (secrets / "passwd").read_text().splitlines()
+        assert [line.split(":")[0] for line in passwd] == logins()
+        assert all(line.split(":", 1)[1].startswith("$7$") for line in passwd)  # hashed
+        assert (secrets / "passwd").stat().st_uid == pwd.getpwnam("mosquitto").pw_uid
+        assert (secrets / "passwd").stat().st_mode & 0o777 == 0o600
+    assert runs[0] == runs[1]
+    assert set(runs[0]) == {f"{user}.pw" for user in logins()} | {"control.token",
+                                                                   "grafana-admin.pw"}
+    assert len(set(runs[0].values())) == len(runs[0])  # each its own
+    assert all(len(value) >= 32 for value in runs[0].values())
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert all((secrets / name).stat().st_mode & 0o777 == 0o644 for name in runs[0])
+
+
 def test_shards_cover_0_to_n_minus_1_once_and_servers_merge_all_of_them():
     """Shard ids are 0..N-1, each once; every server's --shards is that N; the simulator
     and every shard split the brands into the same P partitions, P >= N."""
