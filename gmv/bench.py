@@ -7,6 +7,14 @@ reports throughput, latency percentiles (publish -> aggregated from the aggregat
 histogram; publish -> websocket frame measured by the viewer), CPU per process, aggregator
 memory, and published / aggregated / lost / double-counted counts. Exit 1 if any order was
 lost or double counted.
+
+Two sources of orders (`--source`, named in the report): `pool`, batches cut once from a busy
+minute of 2020 and re-stamped (a memcpy a batch: the most a producer can offer), and
+`festival`, the scenario's own orders from its first minute, generated live by each producer
+(its minutes, one in `--producers`, the next one generated in a thread while the last goes
+out). With `--shape festival` the festival source spreads every minute of the scenario over
+the duration, its order scale chosen so the busiest second offers `--rate` (or as given):
+the whole festival, exact to the cent, in `--duration` seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -30,10 +39,13 @@ import numpy as np
 import orjson
 from websockets.asyncio.client import connect as ws_connect
 
-from simulator.loadgen import build_pool, deadlines, festival_rates
+from simulator.loadgen import build_pool, deadlines, due_times, festival_own_rates, \
+    festival_plan, festival_rates
 from simulator.scenario import scenario_for_year
 
 from ticker.core.errors import ConfigError
+from ticker.core.partitions import split
+from ticker.core.wire import encode
 from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
 
 BUSY_MINUTE = 15_120  # Nov 11 12:00: hundreds of thousands of orders at order scale 1
@@ -80,6 +92,7 @@ class Report:
     latency_frame_ms: dict | None = None
     cpu_cores: dict = field(default_factory=dict)
     aggregator_rss_mb: dict = field(default_factory=dict)
+    source: dict = field(default_factory=dict)  # where the orders came from (--source)
 
     @property
     def lost_orders(self) -> int:
@@ -112,6 +125,8 @@ def _produce(index: int, args: dict, go, results) -> None:
 
 
 async def _produce_async(index: int, a: dict, go, results) -> None:
+    if a["source"] == "festival":
+        return await _produce_live(index, a, go, results)
     scenario = scenario_for_year(2020, order_scale=1.0)
     producer = f"bench-{a['run']}-{index}"
     pool = build_pool(scenario, BUSY_MINUTE, a["batch_orders"], 16,
@@ -149,6 +164,114 @@ async def _produce_async(index: int, a: dict, go, results) -> None:
                                  "bytes": size, "seconds": time.monotonic() - t0,
                                  "cpu_seconds": time.process_time() - cpu0,
                                  "lateness_ms": lateness * 1000}))
+
+
+async def _produce_live(index: int, a: dict, go, results) -> None:
+    """One producer of the festival source: the plan's batches of its minutes (minute %
+    producers == index), each made from the minute's orders as generated, split by brand
+    partition, at its absolute deadline; the next minute is generated in a thread meanwhile."""
+    scenario = scenario_for_year(a["year"], order_scale=a["order_scale"])
+    plan = festival_plan(scenario, a["batch_orders"])
+    saved = np.load(a["schedule"])
+    batches, due = saved["batch"], saved["due"]
+    mine = plan.minute[batches] % a["producers"] == index
+    batches, due = batches[mine], due[mine]
+    minutes = list(dict.fromkeys(plan.minute[batches].tolist()))  # in order, once each
+    producer = f"bench-{a['run']}-{index}"
+    topics, shards, binary = Topics(a["prefix"]), a.get("shards", 1), a["encoding"] == "binary"
+    seqs = [0] * shards
+    sent = orders = gmv = size = 0
+    lateness = 0.0
+
+    # Minutes are generated a group at a time in a thread, the next group while this one
+    # goes out: one minute, or as many small ones as make about 200,000 orders.
+    counts = scenario.minute_orders
+    groups: list[list[int]] = [[]]
+    for m in minutes:
+        if groups[-1] and (counts[groups[-1]].sum() + counts[m] > 200_000
+                           or len(groups[-1]) >= 512):
+            groups.append([])
+        groups[-1].append(m)
+
+    def generate(g: int):
+        return asyncio.ensure_future(asyncio.to_thread(
+            lambda: {m: scenario.orders(m) for m in groups[g]})) if g < len(groups) else None
+
+    async with ReliablePublisher(a["broker"], max_inflight=a["inflight"]) as publisher:
+        ahead = generate(0)
+        made: dict = await ahead if ahead is not None else {}  # before the clock starts
+        ahead = generate(1)
+        group = 1
+        results.put(("ready", index, None))
+        await asyncio.to_thread(go.wait)
+        t0, cpu0 = time.monotonic(), time.process_time()
+        current, minute_orders = None, None
+        for b, deadline in zip(batches.tolist(), due.tolist()):
+            if plan.minute[b] != current:
+                current = int(plan.minute[b])
+                if current not in made:
+                    made = await ahead
+                    group += 1
+                    ahead = generate(group)
+                minute_orders = made.pop(current)
+            wait = t0 + deadline - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            lateness = max(lateness, -wait)
+            batch = plan.batch(b, minute_orders, producer=producer, seq=0,
+                               sent_at_us=time.time_ns() // 1000)
+            for partition, part in split(batch, shards):
+                payload = encode(dataclasses.replace(part, seq=seqs[partition]),
+                                 binary=binary)
+                seqs[partition] += 1
+                if a["qos"] == 1:
+                    await publisher.send(topics.orders(producer, partition), payload)
+                else:
+                    await publisher.send_qos0(topics.orders(producer, partition), payload)
+                size += len(payload)
+            sent, orders, gmv = sent + 1, orders + len(batch), gmv + batch.gmv_cents
+            if sent % 64 == 0:
+                results.put(("progress", index, orders))
+        await publisher.flush()
+        if a["qos"] == 1:
+            for p in range(shards):
+                await publisher.send(topics.producer(producer, p), orjson.dumps(
+                    {"v": 1, "producer": producer, "last_seq": seqs[p] - 1}), retain=True)
+            await publisher.flush()
+    results.put(("done", index, {"batches": sent, "orders": orders, "gmv_cents": gmv,
+                                 "bytes": size, "seconds": time.monotonic() - t0,
+                                 "cpu_seconds": time.process_time() - cpu0,
+                                 "lateness_ms": lateness * 1000}))
+
+
+def _festival_schedule(args: argparse.Namespace, seconds: int, total: int) \
+        -> tuple[dict, dict]:
+    """The festival source's batches and their deadlines, and what the report says of it."""
+    year = int(args.scenario)
+    scale = args.order_scale
+    if args.shape == "festival":
+        if scale is None:  # the busiest second of the spread-out festival offers --rate
+            peak = festival_own_rates(scenario_for_year(year, order_scale=1.0), seconds).max()
+            scale = min(1.0, args.rate / peak)
+        scenario = scenario_for_year(year, order_scale=scale)
+        rates = festival_own_rates(scenario, seconds)
+        plan = festival_plan(scenario, args.batch_orders, args.orders)
+    else:
+        scale = 1.0 if scale is None else scale
+        scenario = scenario_for_year(year, order_scale=scale)
+        rates = np.full(seconds, float(args.rate))
+        plan = festival_plan(scenario, args.batch_orders, total)
+    due = due_times(rates, plan.orders_before)
+    batches = np.arange(len(due))
+    orders = int((plan.stop - plan.start)[:len(due)].sum())
+    last = int(plan.minute[len(due) - 1]) if len(due) else 0
+    described = {"source": "festival", "scenario": scenario.name, "order_scale": scale,
+                 "minutes": [0, last], "orders_offered": orders,
+                 "peak_orders_per_s": float(rates.max()),
+                 "whole_festival": last == scenario.window.minutes - 1 and
+                 orders == int(scenario.minute_orders.sum()),
+                 "festival_gmv_cents": scenario.gmv_cents}
+    return ({"batch": batches, "due": due, "year": year, "order_scale": scale}, described)
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -229,13 +352,22 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
     seconds = int(args.duration)
     rates = festival_rates(scenario_for_year(2020), seconds, args.rate) \
         if args.shape == "festival" else np.full(seconds, float(args.rate))
-    due = deadlines(rates, args.batch_orders, total)
+    tmp = stack.enter_context(tempfile.TemporaryDirectory())
+    if args.source == "festival":
+        live, source = _festival_schedule(args, seconds, total)
+        due = live["due"]
+        schedule = Path(tmp) / "schedule.npz"
+        np.savez(schedule, batch=live["batch"], due=due)
+    else:
+        due = deadlines(rates, args.batch_orders, total)
+        schedule = Path(tmp) / "schedule.npy"
+        np.save(schedule, due)
+        live, source = {}, {"source": "pool", "scenario": "2020", "minute": BUSY_MINUTE,
+                            "batches": 16, "restamped": True}
     if not len(due):
         raise ConfigError("the settings give no batch to send: raise --rate or --duration")
-    tmp = stack.enter_context(tempfile.TemporaryDirectory())
-    schedule = Path(tmp) / "schedule.npy"
-    np.save(schedule, due)
-    report = Report(settings={k: v for k, v in vars(args).items() if k != "func"})
+    report = Report(settings={k: v for k, v in vars(args).items() if k != "func"},
+                    source=source)
     # The bench's login and CA go to its aggregator and server too; the password through
     # the environment, as a command line shows in ps.
     gmv = [sys.executable, "-m", "gmv.cli"]
@@ -277,6 +409,7 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
                   schedule=str(schedule), producers=args.producers, qos=args.qos,
                   batch_orders=args.batch_orders, encoding=args.encoding,
                   seconds=max(seconds, 1), window_minutes=15_840, inflight=args.inflight)
+    shared.update(source=args.source, year=live.get("year"), order_scale=live.get("order_scale"))
     workers = [ctx.Process(target=_produce, args=(i, shared, go, results), daemon=True)
                for i in range(args.producers)]
     for w in workers:
@@ -393,6 +526,7 @@ def _progress_bar(elapsed: float, duration: float, published: int, latest: dict)
 def _print(r: Report) -> None:
     d = r.as_dict()
     lines = [
+        f"source      {_source_line(r.source)}",
         f"published   {r.published_orders:,} orders in {r.published_batches:,} batches, "
         f"{d['published_orders_per_s'] / 1e6:.2f}M orders/s, {d['batches_per_s']:,.0f} "
         f"batches/s, {d['mb_per_s']:.1f} MB/s (max lateness {r.max_lateness_ms:.0f} ms)",
@@ -408,6 +542,18 @@ def _print(r: Report) -> None:
             f"{k} {v:.0f} MB" for k, v in r.aggregator_rss_mb.items()),
     ]
     print("\n".join(lines), flush=True)
+
+
+def _source_line(source: dict) -> str:
+    if source.get("source") == "festival":
+        first, last = source["minutes"]
+        whole = ", the whole festival" if source["whole_festival"] else ""
+        return (f"festival {source['scenario']} generated live at order scale "
+                f"{source['order_scale']:.4g} (minutes {first}-{last}{whole}, "
+                f"{source['orders_offered']:,} orders, busiest second "
+                f"{source['peak_orders_per_s']:,.0f} orders/s)")
+    return (f"pool of {source.get('batches')} batches cut from {source.get('scenario')} minute "
+            f"{source.get('minute')}, re-stamped")
 
 
 def _fmt(p: dict | None) -> str:

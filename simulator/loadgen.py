@@ -18,6 +18,7 @@ import orjson
 
 from ticker.core.wire import FLAG_SENT_AT, MAGIC, VERSION, OrderBatch, encode
 
+from .generator import MinuteOrders
 from .scenario import Scenario
 
 _HEADER = struct.Struct("<4sBBHIQIq")  # the binary header followed by the send time
@@ -90,3 +91,75 @@ def festival_rates(scenario: Scenario, seconds: int, peak: float) -> np.ndarray:
     edges = np.linspace(0, len(curve), seconds + 1).astype(int)
     per_second = np.add.reduceat(curve, edges[:-1])
     return per_second / per_second.max() * peak
+
+
+# -- the live generator as a source: the festival's own orders, generated as they go out -----
+
+@dataclass(frozen=True, eq=False)
+class FestivalPlan:
+    """Which orders of `scenario` each batch carries: the festival's minutes in order from its
+    first, each cut into batches of at most `batch_orders` (a minute's last one shorter), as
+    many as add up to the orders asked for. Batch b holds orders start[b]:stop[b] of minute
+    minute[b]; nothing is generated until a producer makes the batch (`batch`)."""
+
+    scenario: Scenario
+    minute: np.ndarray  # int64, non-decreasing
+    start: np.ndarray   # int64
+    stop: np.ndarray    # int64
+
+    def __len__(self) -> int:
+        return len(self.minute)
+
+    @property
+    def orders_before(self) -> np.ndarray:
+        """Orders in the batches before each batch: when the offered load reaches it."""
+        return np.concatenate(([0], np.cumsum(self.stop - self.start)[:-1])).astype(np.int64)
+
+    def batch(self, b: int, orders: MinuteOrders, *, producer: str, seq: int,
+              sent_at_us: int = 0) -> OrderBatch:
+        """Batch b, cut from its minute's orders (`scenario.orders(minute[b])`)."""
+        part = orders.slice(int(self.start[b]), int(self.stop[b]))
+        return OrderBatch(producer, seq, int(self.minute[b]), part.amount_cents, part.brand,
+                          part.country, part.platform, sent_at_us=sent_at_us)
+
+
+def festival_plan(scenario: Scenario, batch_orders: int, max_orders: int | None = None) \
+        -> FestivalPlan:
+    """The batches of `scenario` from its first minute: every minute, or whole batches up to
+    `max_orders` orders."""
+    if batch_orders <= 0:
+        raise ValueError(f"batch_orders={batch_orders}: must be positive")
+    counts = scenario.minute_orders.astype(np.int64)
+    per_minute = -(-counts // batch_orders)  # ceil: batches in each minute
+    minute = np.repeat(np.arange(len(counts), dtype=np.int64), per_minute)
+    first = np.concatenate(([0], np.cumsum(per_minute)[:-1]))  # each minute's first batch
+    start = (np.arange(len(minute), dtype=np.int64) - np.repeat(first, per_minute)) \
+        * batch_orders
+    stop = np.minimum(start + batch_orders, counts[minute])
+    if max_orders is not None:
+        keep = int(np.searchsorted(np.cumsum(stop - start), max_orders, side="right"))
+        minute, start, stop = minute[:keep], start[:keep], stop[:keep]
+    return FestivalPlan(scenario, minute, start, stop)
+
+
+def festival_own_rates(scenario: Scenario, seconds: int) -> np.ndarray:
+    """Orders in each of `seconds` wall seconds when the scenario's minutes are spread evenly
+    over them (minute m in [m, m + 1) x seconds / minutes): the festival's own shape, at its
+    order scale, whose sum is every order of the festival."""
+    counts = scenario.minute_orders.astype(np.float64)
+    edges = np.arange(len(counts) + 1) * (seconds / len(counts))  # each minute's slot
+    cumulative = np.concatenate(([0.0], np.cumsum(counts)))
+    at = np.interp(np.arange(seconds + 1, dtype=np.float64), edges, cumulative)
+    return np.diff(at)
+
+
+def due_times(rate_per_s: np.ndarray, orders_before: np.ndarray) -> np.ndarray:
+    """When (s from the start) the offered load, `rate_per_s[k]` orders in second k (linear
+    within it), reaches each batch's `orders_before`; batches it never reaches are left out."""
+    cumulative = np.concatenate(([0.0], np.cumsum(rate_per_s, dtype=np.float64)))
+    offsets = np.asarray(orders_before, dtype=np.float64)
+    offsets = offsets[offsets < cumulative[-1]]
+    second = np.clip(np.searchsorted(cumulative, offsets, side="right") - 1, 0,
+                     len(rate_per_s) - 1)
+    within = (offsets - cumulative[second]) / np.maximum(rate_per_s[second], 1e-9)
+    return second + within

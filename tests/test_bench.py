@@ -9,7 +9,8 @@ import numpy as np
 import orjson
 import pytest
 
-from simulator.loadgen import build_pool, deadlines, festival_rates
+from simulator.loadgen import build_pool, deadlines, due_times, festival_own_rates, \
+    festival_plan, festival_rates
 from simulator.scenario import scenario_for_year
 from gmv.cli import main
 from ticker.core.wire import decode
@@ -75,3 +76,47 @@ def test_bench_passes_its_login_to_every_process_it_starts(tmp_path, capsys):
                      "--rate", "50000", "--batch-orders", "5000"])
     assert code == 0
     assert "aggregated  50,000 orders" in capsys.readouterr().out
+
+
+def test_festival_plan_cuts_every_minute_into_batches_of_its_own_orders():
+    """--source festival: minutes in order, each in batches of at most --batch-orders (its
+    last one shorter), together every order of the festival; --orders keeps whole batches."""
+    s = scenario_for_year(2020, order_scale=0.001)
+    plan = festival_plan(s, 1_000)
+    sizes = plan.stop - plan.start
+    assert sizes.max() == 1_000 and sizes.min() > 0 and np.all(np.diff(plan.minute) >= 0)
+    assert np.array_equal(np.bincount(plan.minute, weights=sizes, minlength=15_840),
+                          s.minute_orders)
+    orders = s.orders(int(plan.minute[0]))
+    first = plan.batch(0, orders, producer="p", seq=3)
+    assert first.seq == 3 and len(first) == sizes[0]
+    assert np.array_equal(first.amount_cents, orders.amount_cents[:len(first)])
+    assert int((festival_plan(s, 1_000, 5_500).stop - festival_plan(s, 1_000, 5_500).start)
+               .sum()) <= 5_500
+
+
+def test_the_festival_s_own_shape_spreads_every_order_over_the_duration():
+    """--shape festival with the live source: the minutes' own orders, second by second,
+    add up to the festival's, and every batch is due inside the duration, in order."""
+    s = scenario_for_year(2020, order_scale=0.001)
+    rates = festival_own_rates(s, 60)
+    assert rates.sum() == pytest.approx(s.minute_orders.sum()) and rates.argmax() == 54
+    plan = festival_plan(s, 10_000)
+    due = due_times(rates, plan.orders_before)
+    assert len(due) == len(plan) and 0 <= due[0] and due[-1] < 60 and np.all(np.diff(due) >= 0)
+
+
+def test_bench_from_the_live_generator_says_so_and_conserves(mosquitto, tmp_path, capsys):
+    """`gmv bench --source festival`: the festival's first orders, generated live, all
+    aggregated, and the report names the source."""
+    report_path = tmp_path / "bench.json"
+    code = main(["bench", "--broker", mosquitto.url, "--source", "festival", "--order-scale",
+                 "0.001", "--duration", "1", "--rate", "100000", "--batch-orders", "10000",
+                 "--json", str(report_path)])
+    report = orjson.loads(report_path.read_bytes())
+    assert code == 0 and report["source"]["source"] == "festival"
+    assert report["published_orders"] == report["aggregated_orders"] == \
+        report["source"]["orders_offered"] > 90_000
+    assert report["published_gmv_cents"] == report["aggregated_gmv_cents"]
+    assert "source      festival 2020 generated live at order scale 0.001" in \
+        capsys.readouterr().out
