@@ -258,13 +258,13 @@ def minute_of(text: str, window: Window) -> int:
     return minute
 
 
-def _canonical(fields: dict) -> bytes:
+def _canonical(fields: dict[str, object]) -> bytes:
     """One encoding per meaning: keys sorted, orjson's number forms. The MAC covers what the
     receiver parsed, so what it checks is what it obeys."""
     return orjson.dumps(fields, option=orjson.OPT_SORT_KEYS)
 
 
-def _mac(key: str, fields: dict) -> str:
+def _mac(key: str, fields: dict[str, object]) -> str:
     return hmac.new(key.encode(), _canonical(fields), hashlib.sha256).hexdigest()
 
 

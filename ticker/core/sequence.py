@@ -76,7 +76,7 @@ class Producer:
                 *(x for run in zip(self.starts, self.ends) for x in run)]
 
     @classmethod
-    def from_dump(cls, values: list) -> Producer:
+    def from_dump(cls, values: object) -> Producer:
         """The inverse of `dump`; raises ValueError on anything it would not have written."""
         if not isinstance(values, list) or len(values) < 5 or len(values) % 2 == 0 \
                 or any(type(v) is not int for v in values):
@@ -166,7 +166,7 @@ class Watermarks:
         return {name: p.dump() for name, p in self.producers.items()}
 
     @classmethod
-    def from_dump(cls, dump: dict, limits: Limits) -> Watermarks:
+    def from_dump(cls, dump: object, limits: Limits) -> Watermarks:
         if not isinstance(dump, dict) or len(dump) > limits.max_producers:
             raise ValueError(f"watermarks: an object of at most {limits.max_producers} producers")
         marks = cls(limits)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import orjson
@@ -218,7 +219,7 @@ def decode_announcement(payload: bytes) -> Announcement:
     return Announcement(_producer(doc.get("producer")), last_seq)
 
 
-def _small_json(payload: bytes, limit: int = 4096) -> dict:
+def _small_json(payload: bytes, limit: int = 4096) -> dict[str, Any]:
     """A small flat JSON object with `v` = 1 (chatbot counts, announcements)."""
     if len(payload) > limit:
         raise BatchError("oversized", f"{len(payload)} bytes > {limit}")

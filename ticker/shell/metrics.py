@@ -37,6 +37,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from ticker.core.errors import ConfigError
+from ticker.core.sequence import Producer
 from ticker.core.state import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -183,7 +184,7 @@ class AggregatorCollector:
         yield from self._checkpoints()
         yield from broker_metrics(p, agg.broker_stats)
 
-    def _lag(self, producers: dict, limit: int) -> Iterator[Metric]:
+    def _lag(self, producers: dict[str, Producer], limit: int) -> Iterator[Metric]:
         p = "gmv_aggregator"
         lag = GaugeMetricFamily(
             f"{p}_producer_behind_batches", "batches a stream has published (seen or announced)"

@@ -38,7 +38,7 @@ class BrokerSettings:
     password: str | None = field(default=None, repr=False)
 
     @classmethod
-    def from_url(cls, url: str, **options) -> BrokerSettings:
+    def from_url(cls, url: str, **options: Any) -> BrokerSettings:
         """Parse `mqtt://HOST:PORT` or `mqtts://HOST:PORT` (ports 1883 / 8883 by default)."""
         parts = urlsplit(url)
         if parts.username or parts.password:
@@ -237,7 +237,7 @@ class ReliablePublisher:
         self.ack_timeout = ack_timeout
         self.reconnects = 0
         self._unacked: dict[int, tuple[str, bytes, bool]] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._next_key = 0
         self._client: aiomqtt.Client | None = None
         self._stack: AsyncExitStack | None = None
