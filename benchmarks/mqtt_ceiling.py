@@ -382,7 +382,7 @@ async def _sub_aggregator(args: argparse.Namespace, tally: Tally, result: dict) 
     except ImportError:
         Aggregator = None
     if Aggregator is not None:
-        aggregator = Aggregator(broker, topics, festival_limits(), FESTIVAL_2020, shard="bench")
+        aggregator = Aggregator(broker, topics, festival_limits(), FESTIVAL_2020)
         state, ready, run = aggregator.state, aggregator.ready, aggregator.run
         result["consumer"] = "ticker.shell.aggregator.Aggregator"
     else:

@@ -57,7 +57,8 @@ def test_update_frame_holds_only_changed_fields():
                       "stats": {"batches": 1, "rejected": 0, "duplicates": 4, "gaps": 0,
                                 "shards": 1, "ignored_totals": 0, "ignored_replay": 0,
                                 "unknown_shards": [], "unknown_shard_messages": 0,
-                                "shards_expected": 1, "shards_quiet": []}}
+                                "shards_expected": 1, "shards_quiet": [],
+                                "partitions": None, "partitions_problem": None}}
 
 
 def test_unchanged_totals_make_no_new_version():

@@ -27,6 +27,7 @@ import pytest
 from simulator.scenario import scenario_for_year
 from ticker.shell.aggregator import Aggregator
 from ticker.core.dimensions import FESTIVAL_2020
+from ticker.core.partitions import Shard
 from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, watch_totals
 from ticker.shell.server import TickerServer
 from ticker.core.wire import OrderBatch, encode
@@ -333,9 +334,10 @@ async def test_live_turns_stale_within_6_s_when_the_aggregator_stops_while_a_rep
 async def test_a_quiet_shard_turns_live_into_partial(mosquitto, topics, page):
     """With two aggregator shards expected, LIVE while both report; when shard 1 stops while
     shard 0 goes on, the badge reads "Partial · shard 1 quiet" (part of the total is not
-    moving), whatever the other shard's fresh totals say."""
-    shards = [Aggregator(mosquitto, topics, festival_limits(), FESTIVAL_2020, shard=name,
-                         totals_interval=0.05) for name in ("0", "1")]
+    moving), whatever the other shard's fresh totals say; a shard 1 back with another
+    partitioning keeps it Partial, saying so."""
+    shards = [Aggregator(mosquitto, topics, festival_limits(), FESTIVAL_2020,
+                         shard=Shard(k, 2, 2), totals_interval=0.05) for k in range(2)]
     server = TickerServer(push_hz=20, expected_shards=2)
     ready = asyncio.Event()
     agg_tasks = [asyncio.create_task(a.run()) for a in shards]
@@ -355,6 +357,11 @@ async def test_a_quiet_shard_turns_live_into_partial(mosquitto, topics, page):
         await asyncio.gather(agg_tasks[1], return_exceptions=True)
         await expect(badge).to_have_attribute("data-state", "partial", timeout=10_000)
         await expect(badge).to_have_text(re.compile(r"Partial · shard 1 quiet", re.I))
+        wrong = Aggregator(mosquitto, topics, festival_limits(), FESTIVAL_2020,
+                           shard=Shard(1, 2, 4), totals_interval=0.05)
+        tasks.append(asyncio.create_task(wrong.run()))
+        await expect(badge).to_have_text(re.compile(
+            r"Partial · shards disagree on the partitions: 2, 4", re.I), timeout=10_000)
     finally:
         for task in tasks:
             task.cancel()

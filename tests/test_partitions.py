@@ -14,7 +14,7 @@ from simulator.flow import AckWindow
 from simulator.publisher import ScenarioSource
 from simulator.recording import ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
-from ticker.core.feed import merge_shards, parse_totals
+from ticker.core.feed import MessageError, merge_shards, parse_totals, partition_layout
 from ticker.core.partitions import Shard, split, stream_name, stream_of
 from ticker.core.state import AggregateState
 from ticker.core.dimensions import FESTIVAL_2020
@@ -172,3 +172,30 @@ def test_a_recording_keeps_the_same_seq_of_two_partitions_and_drops_a_redelivery
     assert writer.write(ORDERS, payload, 0) and writer.write(ORDERS, encode(batch([4])), 1)
     assert not writer.write(ORDERS, payload, 0)
     assert (writer.messages, writer.orders, writer.skipped) == (2, 2, 1)
+
+
+@pytest.mark.parametrize("layouts, expected", [
+    ({}, (None, None)),
+    ({"0": (3, [0]), "1": (3, [1]), "2": (3, [2])}, (3, None)),
+    ({"0": (3, [0]), "2": (3, [2])}, (3, "no shard for partition 1 of 3")),
+    ({"0": (2, [0, 1]), "1": (2, [1])}, (2, "partition 1 in two shards")),
+    ({"0": (2, [0]), "1": (4, [1, 3])}, (None, "shards disagree on the partitions: 2, 4")),
+])
+def test_the_screen_is_told_when_the_shards_do_not_hold_every_partition_once(layouts,
+                                                                            expected):
+    """A partition no merged shard holds misses its brands from every figure; one in two
+    shards may count a brand twice: the view says which, in a line the badge shows."""
+    shards = {name: {"partitions": p, "owned": owned} for name, (p, owned) in layouts.items()}
+    layout = partition_layout(shards)
+    assert (layout["partitions"], layout["partitions_problem"]) == expected
+
+
+@pytest.mark.parametrize("partitions, owned", [(0, [0]), (2, [2]), (2, [1, 1]), (2, []),
+                                               (3, "0"), (2**11, [0])])
+def test_totals_with_an_impossible_partitioning_are_refused(partitions, owned):
+    """Partitions 1 .. 1024, owned a non-empty list of distinct ones below it, or the
+    shard's totals do not fit the schema."""
+    doc = {"v": 1, "shard": "0", "window": FESTIVAL_2020.as_dict(), "gmv_cents": 1,
+           "orders": 1, "partitions": partitions, "owned": owned}
+    with pytest.raises(MessageError):
+        parse_totals("0", doc)

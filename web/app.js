@@ -723,6 +723,7 @@ function renderStats(st) {
   if (isInt(st.shards)) {
     parts.push(`shards ${st.shards}${isInt(st.shards_expected) ? `/${st.shards_expected}` : ''}`);
   }
+  if (isInt(st.partitions) && st.partitions > 1) parts.push(`partitions ${st.partitions}`);
   if (Array.isArray(st.shards_quiet) && st.shards_quiet.length) {
     parts.push(`quiet ${st.shards_quiet.map(String).join(', ')}`);
   }
@@ -762,6 +763,12 @@ function checkFreshness() {
   if (quiet.length) {
     setStatus('partial', age, quiet.length === 1 ? `shard ${quiet[0]} quiet`
       : `${quiet.length}${isInt(st.shards_expected) ? ` of ${st.shards_expected}` : ''} shards quiet`);
+    return;
+  }
+  // Every shard live, but not every brand partition held exactly once: the figures miss
+  // some brands, or may count some twice.
+  if (typeof st.partitions_problem === 'string' && st.partitions_problem) {
+    setStatus('partial', age, st.partitions_problem);
     return;
   }
   setStatus('live', age);

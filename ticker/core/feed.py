@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from fractions import Fraction
 import numpy as np
 import orjson
 
+from ticker.core.partitions import MAX_PARTITIONS
 from ticker.core.dimensions import BIG_BRAND_CENTS, DEFAULT_DIMENSIONS, MAX_COUNTRIES, \
     MAX_CURVE_BUCKETS, MAX_PLATFORMS, Dimensions, curve_bucket_minutes
 
@@ -38,6 +40,7 @@ MAX_BRAND_ID = 2**32 - 1
 MAX_NAMES = 64                  # entries of `rejected` and `latency_ms`
 MAX_UNKNOWN_SHARDS = 10         # names kept of shards that are not expected
 MAX_QUIET_SHARDS = 100          # names listed in stats.shards_quiet
+MAX_LISTED = 100                # partitions listed as unowned or doubled
 QUIET_SECONDS = 5.0             # an expected shard silent this long is listed as quiet
 REPLAY_TTL_SECONDS = 5.0        # the replay status is dropped this long after the last one
 MEANINGFUL_SHARE = Fraction(1, 20)  # last year's figure below 5% of its total: no percentage
@@ -118,6 +121,15 @@ def parse_totals(shard: str, doc: object) -> dict:
         out["recent_orders"] = [_count("recent_orders", value) for value in recent]
     if doc.get("latency_ms") is not None:
         out["latency_ms"] = _numbers_by_name("latency_ms", doc["latency_ms"])
+    if "partitions" in doc:  # an aggregator from before partitions says nothing
+        partitions = out["partitions"] = _count("partitions", doc["partitions"])
+        if not 0 < partitions <= MAX_PARTITIONS:
+            raise MessageError(f"partitions={partitions}: must be 1 .. {MAX_PARTITIONS}")
+        owned = _list("owned", doc.get("owned"), 1, partitions)
+        if any(type(p) is not int or not 0 <= p < partitions for p in owned) \
+                or len(set(owned)) != len(owned):
+            raise MessageError(f"owned: not distinct partitions 0 .. {partitions - 1}")
+        out["owned"] = sorted(owned)
     if "big_brand_minutes" in doc:
         big = _list("big_brand_minutes", doc["big_brand_minutes"], 0, MAX_BIG_BRAND_MINUTES)
         big = [_count("big_brand_minutes", m) for m in big]
@@ -353,6 +365,31 @@ def merge_shards(shards: dict[str, dict],
             "shards": len(parts),
         },
     }
+
+
+def partition_layout(shards: dict[str, dict]) -> dict[str, object]:
+    """Whether the merged shards hold every brand partition exactly once: `partitions`, the
+    count they agree on (None if they do not say or disagree), and `partitions_problem`, a
+    line for the screen when not: a partition no merged shard holds (its brands are missing
+    from every figure) or one two shards claim (a brand of it may count twice)."""
+    layouts = [(t["partitions"], t["owned"]) for t in shards.values() if "partitions" in t]
+    counts = sorted({p for p, _ in layouts})
+    if len(counts) > 1:
+        return {"partitions": None, "partitions_problem": "shards disagree on the partitions: "
+                + ", ".join(map(str, counts[:MAX_LISTED]))}
+    if not counts:
+        return {"partitions": None, "partitions_problem": None}
+    owners = Counter(p for _, owned in layouts for p in owned)
+    missing = [p for p in range(counts[0]) if p not in owners]
+    doubled = sorted(p for p, n in owners.items() if n > 1)
+    problem = f"no shard for partition {_listed(missing)} of {counts[0]}" if missing \
+        else f"partition {_listed(doubled)} in two shards" if doubled else None
+    return {"partitions": counts[0], "partitions_problem": problem}
+
+
+def _listed(items: list[int]) -> str:
+    shown = ", ".join(map(str, items[:MAX_LISTED]))
+    return shown + (f" and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
 
 
 def _time_of(window: dict, minute: int) -> str:
@@ -618,6 +655,7 @@ class Feed:
         """Add what is not in the shards' totals: names, rates, milestones, the comparison,
         the replay status."""
         view["replay"] = self.replay
+        view["stats"].update(partition_layout(self.shards))
         view["stats"].update(ignored_totals=self.ignored_totals,
                              ignored_replay=self.ignored_replay,
                              unknown_shards=list(self.unknown_shards),
