@@ -7,7 +7,7 @@ COPY ticker ticker
 COPY simulator simulator
 COPY web web
 COPY data data
-RUN pip install --no-cache-dir -e .
+RUN pip install --no-cache-dir -e . && python -m compileall -q gmv ticker simulator
 # The health check docker-compose.yml runs in every gmv container (standard library only).
 COPY deploy/healthcheck.py deploy/healthcheck.py
 # An unprivileged user. /data, where the shards keep their checkpoints, is its own; a new
