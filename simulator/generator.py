@@ -86,6 +86,28 @@ def generate_minute(catalog: Catalog, gmv_cents: int, n_orders: int, rng: np.ran
     return MinuteOrders(amount, brand, country, platform)
 
 
+def keep_freed_memory(limit: int = 1 << 30) -> bool:
+    """Ask glibc's malloc to keep freed blocks of up to `limit` bytes for reuse rather than
+    give them back to the kernel (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD); False where it cannot.
+
+    For the publishing shells to call once per process, not done on import: a busy minute's
+    columns are tens to hundreds of MB, which malloc maps and unmaps afresh for every
+    minute, so each minute paid the kernel's page faults again (a third of the generator's
+    time at order scale 1: 55,000 faults over 160 minutes, benchmarks/generator.py). The
+    cost is that the process keeps its high-water mark (the peak minute's few hundred MB)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    return bool(mallopt(m_trim_threshold, limit)) and bool(mallopt(m_mmap_threshold, limit))
+
+
 def split_cents(total: int, weights: np.ndarray, *, plus: int = 0) -> np.ndarray:
     """`curve.allocate_checked(total, weights) + plus`, the same int64 parts, in O(n).
 

@@ -41,6 +41,7 @@ from ticker.core.partitions import split
 from ticker.core.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
 from .flow import FlowControl, ShardForgot, Verdict
+from .generator import keep_freed_memory
 from .playback import PlaybackClock
 from .scenario import Scenario
 from .slicing import BULK_ORDERS, Bulk, slice_bounds, slices_per_minute
@@ -69,6 +70,9 @@ class Source(Protocol):
 class ScenarioSource:
     scenario: Scenario
     batch_orders: int = 10_000
+
+    def __post_init__(self) -> None:
+        keep_freed_memory()  # big minutes reuse the memory of the last (generator.py)
 
     @property
     def name(self) -> str:
