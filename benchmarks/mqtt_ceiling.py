@@ -478,7 +478,9 @@ def _line(proc: subprocess.Popen, prefix: str, timeout: float) -> str:
 def run_case(args: argparse.Namespace, port: int, broker_pid: int, encoding: str, kind: str,
              publisher: str, count: int) -> dict:
     pin = args.pin and (os.cpu_count() or 1) >= 2
-    topic = f"bench/{uuid.uuid4().hex[:10]}/orders/0"
+    producer = f"bench-{uuid.uuid4().hex[:8]}"
+    # orders/{producer}/{partition}: the aggregator rejects any other shape (bad_topic)
+    topic = f"bench/{uuid.uuid4().hex[:10]}/orders/{producer}/0"
     common = ["--port", str(port), "--topic", topic, "--count", str(count),
               "--batch-orders", str(args.batch_orders), "--deadline", str(args.deadline)]
     sub = _spawn(["--role", "paho" if kind == "paho" else "sub", "--kind", kind, *common],
@@ -488,7 +490,7 @@ def run_case(args: argparse.Namespace, port: int, broker_pid: int, encoding: str
         _line(sub, "READY", 30)
         b0, busy0, w0 = cpu_seconds(broker_pid), system_busy_seconds(), time.monotonic()
         pub = _spawn(["--role", "pub", "--encoding", encoding, "--publisher", publisher,
-                      "--window", str(args.window), "--producer", f"bench-{uuid.uuid4().hex[:8]}",
+                      "--window", str(args.window), "--producer", producer,
                       *common], 0 if pin else None)
         pub_result = json.loads(_line(pub, "RESULT", args.deadline + 60))
         sub_result = json.loads(_line(sub, "RESULT", args.deadline + 30))

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiomqtt
+import aiomqtt.client
 
 from ticker.core.errors import ConfigError
 
@@ -117,10 +118,46 @@ class Topics:
         return kind, rest
 
 
+READ_AHEAD_MESSAGES = 32  # received messages a client holds before it stops reading
+READ_AHEAD_BYTES = 64 * 2**20  # or their payloads' bytes, whichever comes first
+
+
 class _Client(aiomqtt.Client):
-    """aiomqtt's client, its timeouts made with `asyncio.timeout` instead of `asyncio.wait_for`:
-    on Python 3.11 wait_for can swallow a cancellation that lands as the awaited PUBACK does
-    (cpython#86296), and a stopped aggregator's task then went on publishing for ever."""
+    """aiomqtt's client with three changes, all below its public API:
+
+    * Bounded read-ahead. aiomqtt reads its socket whenever it is readable and queues every
+      message without limit, so under a backlog a slow consumer's queue (and RSS) grows as
+      long as the broker sends, and Mosquitto 2.0 sends a client that acknowledges slowly
+      past its in-flight limit. Here the client stops reading its socket (the loop's reader
+      is removed) while its queue holds `read_ahead` messages or `read_ahead_bytes` of
+      payload, and reads again once the consumer has taken half of them: the kernel's socket
+      buffer fills, TCP stops the broker, and the backlog stays in the broker's queue.
+      Nothing is dropped and acknowledgements are untouched (writing goes on while reading
+      is paused).
+    * A cheaper receive path: `messages` takes a queued message without a task and an
+      `asyncio.wait` each, and a PUBACK queued on the loop's thread is written at the end of
+      the loop iteration, once for all the acks queued in it, instead of waking the loop
+      through its self-pipe and registering a writer for each.
+    * Timeouts made with `asyncio.timeout` instead of `asyncio.wait_for`: on Python 3.11
+      wait_for can swallow a cancellation that lands as the awaited PUBACK does
+      (cpython#86296), and a stopped aggregator's task then went on publishing for ever.
+    """
+
+    def __init__(self, *args: Any, read_ahead: int = READ_AHEAD_MESSAGES,
+                 read_ahead_bytes: int = READ_AHEAD_BYTES, **kwargs: Any) -> None:
+        if type(read_ahead) is not int or read_ahead <= 0:
+            raise ValueError(f"read_ahead={read_ahead!r}: must be a positive integer")
+        if type(read_ahead_bytes) is not int or read_ahead_bytes <= 0:
+            raise ValueError(f"read_ahead_bytes={read_ahead_bytes!r}: must be a positive "
+                             "integer")
+        super().__init__(*args, **kwargs)
+        self.read_ahead, self.read_ahead_bytes = read_ahead, read_ahead_bytes
+        self._queue = self._read_queue = _ReadAheadQueue(self)
+        self._fd = -1  # the socket's, while connected
+        self._reading = False  # our reader is registered with the loop
+        self._flush_due = False
+        self.read_pauses = 0  # times reading stopped because the queue was full (metrics)
+        self.max_queued = 0  # the most messages the queue ever held
 
     async def _wait_for(self, fut: Awaitable[T], timeout: float | None) -> T:
         timeout = self.timeout if timeout is None else timeout
@@ -130,17 +167,158 @@ class _Client(aiomqtt.Client):
         except TimeoutError:
             raise aiomqtt.MqttError("Operation timed out") from None
 
+    @property
+    def messages(self) -> _Messages:  # type: ignore[override]
+        return _Messages(self)
+
+    @property
+    def reading_paused(self) -> bool:
+        """True while the queue is full and the socket is left unread."""
+        return self._fd >= 0 and not self._reading
+
+    # -- reading: paho's packet parser, driven by the loop, paused while the queue is full --
+
+    def _on_socket_open(self, client: Any, userdata: Any, sock: Any) -> None:
+        # paho calls this from the executor thread that runs connect().
+        def start() -> None:
+            self._fd = sock.fileno()
+            self._resume_reading()
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        self._loop.call_soon_threadsafe(start)
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        self._fd, self._reading = -1, False
+        super()._on_socket_close(client, userdata, sock)
+
+    def _queue_full(self) -> bool:
+        queue = self._read_queue
+        return queue.qsize() >= self.read_ahead or queue.nbytes >= self.read_ahead_bytes
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+            self.read_pauses += 1
+
+    def _resume_reading(self) -> None:
+        if self._reading or self._fd < 0 or self._queue_full():
+            return
+        self._loop.add_reader(self._fd, self._read_ready)
+        self._reading = True
+        sock = self._client._sock
+        if sock is not None and getattr(sock, "pending", lambda: 0)() > 0:
+            self._loop.call_soon(self._read_ready)  # TLS bytes already decrypted: no wake-up
+
+    def _read_ready(self) -> None:
+        """Handle what has arrived, as aiomqtt does: one packet per wake-up (TLS: until no
+        decrypted bytes remain), unless the queue fills."""
+        paho = self._client
+        try:
+            while self._reading and paho._sock is not None:
+                paho.loop_read()
+                pending = getattr(paho._sock, "pending", None)
+                if pending is None or pending() <= 0:
+                    return
+        except Exception as exc:  # a broken connection: report it as aiomqtt does
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+
+    # -- writing: once per loop iteration for whatever was queued in it ---------------------
+
+    def _on_socket_register_write(self, client: Any, userdata: Any, sock: Any) -> None:
+        if asyncio._get_running_loop() is not self._loop:  # connect() in its executor thread
+            super()._on_socket_register_write(client, userdata, sock)
+        elif not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        paho = self._client
+        if paho._sock is None:
+            return
+        paho._registered_write = False  # so that a short write registers a writer again
+        try:
+            paho.loop_write()
+        except Exception as exc:
+            if not self._disconnected.done():
+                self._disconnected.set_exception(exc)
+            return
+        if paho.want_write():  # the socket took only part: wait until it is writable
+            super()._on_socket_register_write(paho, None, paho._sock)
+
+
+class _ReadAheadQueue(asyncio.Queue[aiomqtt.Message]):
+    """The client's queue of received messages: counts their payload bytes and tells the
+    client when to stop and start reading (at `read_ahead`, and at half of it)."""
+
+    def __init__(self, client: _Client) -> None:
+        super().__init__()
+        self._client = client
+        self.nbytes = 0
+
+    def put_nowait(self, item: aiomqtt.Message) -> None:
+        super().put_nowait(item)
+        self.nbytes += _size(item)
+        client = self._client
+        client.max_queued = max(client.max_queued, self.qsize())
+        if client._queue_full():
+            client._pause_reading()
+
+    def get_nowait(self) -> aiomqtt.Message:
+        item = super().get_nowait()
+        self.nbytes -= _size(item)
+        client = self._client
+        if not client._reading and self.qsize() <= client.read_ahead // 2 \
+                and self.nbytes <= client.read_ahead_bytes // 2:
+            client._resume_reading()
+        return item
+
+
+def _size(message: aiomqtt.Message) -> int:
+    payload = message.payload
+    return len(payload) if isinstance(payload, (bytes, bytearray)) else 0
+
+
+class _Messages:
+    """`client.messages`: as aiomqtt's, without a task and an `asyncio.wait` per message
+    when one is queued already. The first message of an iteration is awaited as aiomqtt
+    does, so that the tasks started beside the consumer have their first turn before it
+    (the aggregator's first totals are its checkpoint's, as before)."""
+
+    def __init__(self, client: _Client) -> None:
+        self._client = client
+        self._started = False
+
+    def __aiter__(self) -> _Messages:
+        return self
+
+    async def __anext__(self) -> aiomqtt.Message:
+        queue = self._client._read_queue
+        if self._started and not queue.empty():
+            return queue.get_nowait()
+        self._started = True
+        return await aiomqtt.client.MessagesIterator(self._client).__anext__()
+
+    def __len__(self) -> int:
+        return self._client._queue.qsize()
+
 
 @asynccontextmanager
 async def connect(broker: BrokerSettings, identifier: str | None = None, *,
                   clean_session: bool = True, manual_ack: bool = False,
-                  max_inflight: int = 64) -> AsyncIterator[aiomqtt.Client]:
-    """A connected client; raises ConnectionError naming the broker if it cannot connect."""
+                  max_inflight: int = 64, read_ahead: int = READ_AHEAD_MESSAGES,
+                  read_ahead_bytes: int = READ_AHEAD_BYTES) -> AsyncIterator[aiomqtt.Client]:
+    """A connected client; raises ConnectionError naming the broker if it cannot connect.
+    It holds at most `read_ahead` received messages (or `read_ahead_bytes` of payload) that
+    the consumer has not taken; past that the broker keeps them (see `_Client`)."""
     tls = aiomqtt.TLSParameters(ca_certs=broker.ca_file) if broker.tls else None
     client = _Client(broker.host, broker.port, identifier=identifier,
                      clean_session=clean_session, username=broker.username,
                      password=broker.password, tls_params=tls,
-                     max_inflight_messages=max_inflight, timeout=10)
+                     max_inflight_messages=max_inflight, timeout=10,
+                     read_ahead=read_ahead, read_ahead_bytes=read_ahead_bytes)
     client.pending_calls_threshold = max_inflight * 2  # pipelining is deliberate, not a leak
     if manual_ack:
         # aiomqtt does not expose paho's manual acknowledgement; its paho client does.
