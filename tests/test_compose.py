@@ -603,6 +603,24 @@ def test_the_mqtt_healthcheck_sees_an_established_connection_to_the_port():
             assert connected_to(port) is None
 
 
+@pytest.mark.skipif(not Path(MOSQUITTO_PASSWD).exists(), reason="needs mosquitto_passwd")
+def test_the_smoke_script_maps_every_gmv_service_onto_this_machine(tmp_path):
+    """deploy/smoke.py (run by hand: about a minute) keeps up with the compose file: each gmv
+    service's command, mapped onto this machine, still parses and names no container path."""
+    spec = importlib.util.spec_from_file_location("smoke", DEPLOY / "smoke.py")
+    smoke_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke_module)
+    smoke = smoke_module.Smoke(tmp_path)
+    smoke.broker_conf()
+    parser = build_parser()
+    for name in gmv_services():
+        argv = smoke.argv(name)
+        parser.parse_args(argv[1:])
+        text = " ".join(argv)
+        assert "broker:1883" not in text and "/run/secrets" not in text, name
+        assert " /data/" not in text and "/app/" not in text, name
+
+
 # --- docs -----------------------------------------------------------------------------------
 
 def test_the_deploy_doc_names_what_the_compose_file_runs():
