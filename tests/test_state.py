@@ -545,3 +545,18 @@ def test_a_bulk_batch_of_minute_runs_puts_each_crossing_on_its_orders_minute():
     state = AggregateState(BIG, big_brand_cents=100)
     assert state.apply(decode(encode(bulk), BIG))
     assert state.snapshot()["big_brand_minutes"] == [5, 9]  # brand 1 at minute 5, 2 at 9
+
+
+def test_latency_percentiles_never_pass_the_largest_or_smallest_latency_seen():
+    """A bucket's midpoint can lie above the max (or below the min) of what fell in it; the
+    percentiles reported are clamped to what was seen, so p50 <= p99.9 <= max always."""
+    from ticker.core.state import LatencyHistogram
+
+    for values in ([1_000], [1_000, 1_001, 1_002], [7, 7, 7, 900_000], list(range(1, 5_000, 7))):
+        histogram = LatencyHistogram()
+        for value in values:
+            histogram.add(value)
+        p = histogram.percentiles()
+        assert p is not None
+        assert min(values) / 1000 <= p["p50"] <= p["p90"] <= p["p99"] <= p["p999"] <= p["max"]
+        assert p["max"] == max(values) / 1000

@@ -42,18 +42,22 @@ TOP_BRANDS = 10
 
 class LatencyHistogram:
     """Publish-to-apply latencies in log-spaced buckets (8 a doubling, 1 µs to ~70 min):
-    fixed memory, percentiles within 9% of the true value."""
+    fixed memory, percentiles within 9% of the true value. A percentile is its bucket's
+    midpoint, clamped to the smallest and largest latency seen: never above the max (a
+    bucket's midpoint can be), never below the min."""
 
     PER_DOUBLING, BUCKETS = 8, 8 * 32
 
     def __init__(self) -> None:
         self.counts = np.zeros(self.BUCKETS, np.int64)
         self.max_us = 0
+        self.min_us = 0  # meaningful once a latency was added
 
     def add(self, latency_us: int) -> None:
         latency_us = max(latency_us, 1)
         bucket = min(int(np.log2(latency_us) * self.PER_DOUBLING), self.BUCKETS - 1)
         self.counts[bucket] += 1
+        self.min_us = latency_us if self.max_us == 0 else min(self.min_us, latency_us)
         self.max_us = max(self.max_us, latency_us)
 
     def percentiles(self) -> dict[str, float] | None:
@@ -64,7 +68,8 @@ class LatencyHistogram:
         out: dict[str, float] = {"count": total}
         for name, q in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p999", 0.999)):
             bucket = int(np.searchsorted(cumulative, q * total))
-            out[name] = round(2 ** ((bucket + 0.5) / self.PER_DOUBLING) / 1000, 3)  # ms
+            midpoint_us = 2 ** ((bucket + 0.5) / self.PER_DOUBLING)
+            out[name] = round(min(max(midpoint_us, self.min_us), self.max_us) / 1000, 3)  # ms
         out["max"] = self.max_us / 1000
         return out
 
