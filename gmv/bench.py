@@ -516,9 +516,13 @@ def _progress_bar(elapsed: float, duration: float, published: int, latest: dict)
         return
     _last_line[0] = elapsed
     share = min(elapsed / duration, 1.0) if duration else 1.0
+    # Producers report every 64 batches, the aggregator every 50 ms: what is aggregated was
+    # published, so the published count shown is never below it.
+    aggregated = latest.get("orders", 0)
+    published = max(published, aggregated)
     rate = published / elapsed if elapsed > 0 else 0
     line = (f"[{'#' * int(share * 30):<30}] {elapsed:5.1f}s  published {published:>13,} "
-            f"({rate / 1e6:5.2f}M/s)  aggregated {latest.get('orders', 0):>13,}")
+            f"({rate / 1e6:5.2f}M/s)  aggregated {aggregated:>13,}")
     sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
     sys.stderr.flush()
 
