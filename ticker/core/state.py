@@ -202,11 +202,11 @@ class AggregateState:
             self.orders_by_platform += np.bincount(platform, minlength=n_platforms)
             return
         cell = country * n_platforms + platform
-        gmv = np.zeros(n_countries * n_platforms, np.int64)
-        np.add.at(gmv, cell, amount)
-        orders = np.bincount(cell, minlength=n_countries * n_platforms)
-        gmv, orders = gmv.reshape(n_countries, n_platforms), orders.reshape(n_countries,
-                                                                              n_platforms)
+        cells = np.zeros(n_countries * n_platforms, np.int64)
+        np.add.at(cells, cell, amount)
+        gmv = cells.reshape(n_countries, n_platforms)
+        orders = np.bincount(cell, minlength=n_countries * n_platforms) \
+            .reshape(n_countries, n_platforms)
         self.gmv_by_country += gmv.sum(axis=1)
         self.gmv_by_platform += gmv.sum(axis=0)
         self.orders_by_country += orders.sum(axis=1)
