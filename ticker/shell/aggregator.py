@@ -229,16 +229,12 @@ class Aggregator:
 
     async def _subscribe_partitions(self, client) -> None:
         """A lone shard takes every batch, and rejects one on a partition it does not have
-        (loudly, not lost). One of several takes only its partitions' batches, and drops a
-        subscription to all that a session kept from a lone shard's run."""
-        shard, everything = self.state.shard, [f"{self.topics.prefix}/{kind}/#"
-                                               for kind in ("orders", "chatbot")]
-        if shard.count == 1:
-            await client.subscribe([(topic, 1) for topic in everything])
-        else:
-            await client.unsubscribe(everything)
-            await client.subscribe([(f"{self.topics.prefix}/{kind}/+/{p}", 1)
-                                    for kind in ("orders", "chatbot") for p in shard.owned])
+        (loudly, not lost). One of several takes only its partitions' batches. (Its session
+        is named after its partitioning, `Shard.key`: it never holds a lone shard's `#`.)"""
+        shard = self.state.shard
+        levels = ["#"] if shard.count == 1 else [f"+/{p}" for p in shard.owned]
+        await client.subscribe([(f"{self.topics.prefix}/{kind}/{level}", 1)
+                                for kind in ("orders", "chatbot") for level in levels])
         await client.subscribe(self._announcements())
 
     def _announcements(self) -> list[tuple[str, int]]:
