@@ -39,6 +39,7 @@ import numpy as np
 import orjson
 from websockets.asyncio.client import connect as ws_connect
 
+from simulator.generator import keep_freed_memory
 from simulator.loadgen import build_pool, deadlines, due_times, festival_own_rates, \
     festival_plan, festival_rates
 from simulator.scenario import scenario_for_year
@@ -170,6 +171,7 @@ async def _produce_live(index: int, a: dict, go, results) -> None:
     """One producer of the festival source: the plan's batches of its minutes (minute %
     producers == index), each made from the minute's orders as generated, split by brand
     partition, at its absolute deadline; the next minute is generated in a thread meanwhile."""
+    keep_freed_memory()  # big minutes reuse the memory of the last
     scenario = scenario_for_year(a["year"], order_scale=a["order_scale"])
     plan = festival_plan(scenario, a["batch_orders"])
     saved = np.load(a["schedule"])
