@@ -33,11 +33,17 @@ def bench(shards: int, args: argparse.Namespace) -> dict:
         if done.returncode != 0:
             raise SystemExit(f"gmv bench --shards {shards} failed: {done.stderr[-500:]}")
         report = json.loads(Path(out.name).read_text())
-    cores = sum(v for k, v in report["cpu_cores"].items() if k.startswith("aggregator-"))
+    cpu = report["cpu_cores"]
+    latency = report["latency_aggregated_ms"] or {}
     return {"shards": shards, "aggregated_orders_per_s": report["aggregated_orders_per_s"],
             "aggregated_orders": report["aggregated_orders"],
-            "lost_orders": report["lost_orders"], "aggregator_cores": round(cores, 2),
-            "broker_cores": report["cpu_cores"].get("broker")}
+            "lost_orders": report["lost_orders"],
+            "double_counted_orders": report["double_counted_orders"],
+            "shard_cores": [cpu[f"aggregator-{k}"] for k in range(shards)],
+            "broker_cores": cpu.get("broker"),
+            "producer_cores": round(sum(v for k, v in cpu.items()
+                                        if k.startswith("producer-")), 3),
+            "p99_aggregated_ms": latency.get("p99")}
 
 
 def main() -> None:

@@ -130,8 +130,10 @@ async def _produce_async(index: int, a: dict, go, results) -> None:
         return await _produce_live(index, a, go, results)
     scenario = scenario_for_year(2020, order_scale=1.0)
     producer = f"bench-{a['run']}-{index}"
-    pool = build_pool(scenario, BUSY_MINUTE, a["batch_orders"], 16,
-                      binary=a["encoding"] == "binary", producer=producer)
+    shards = a["shards"]  # one partition per shard; batch i goes to partition i % shards
+    pools = [build_pool(scenario, BUSY_MINUTE, a["batch_orders"], 16,
+                        binary=a["encoding"] == "binary", producer=producer,
+                        partition=(p, shards)) for p in range(shards)]
     due = np.load(a["schedule"])[index::a["producers"]]
     topics = Topics(a["prefix"])
     sent = orders = gmv = size = 0
@@ -146,20 +148,25 @@ async def _produce_async(index: int, a: dict, go, results) -> None:
                 await asyncio.sleep(wait)
             lateness = max(lateness, -wait)
             minute = int(deadline / a["seconds"] * (a["window_minutes"] - 1))
-            payload = pool.payload(seq, seq, minute, time.time_ns() // 1000)
+            partition, pseq = seq % shards, seq // shards
+            pool = pools[partition]
+            payload = pool.payload(pseq, pseq, minute, time.time_ns() // 1000)
+            topic = topics.orders(producer, partition)
             if a["qos"] == 1:
-                await publisher.send(topics.orders(producer), payload)
+                await publisher.send(topic, payload)
             else:
-                await publisher.send_qos0(topics.orders(producer), payload)
-            k = seq % len(pool.bodies)
+                await publisher.send_qos0(topic, payload)
+            k = pseq % len(pool.bodies)
             sent, orders, gmv, size = sent + 1, orders + pool.orders[k], \
                 gmv + pool.gmv_cents[k], size + len(payload)
             if seq % 64 == 0:
                 results.put(("progress", index, orders))
         await publisher.flush()
         if a["qos"] == 1:  # let the aggregator tell a lost tail from the end of the stream
-            await publisher.send(topics.producer(producer), orjson.dumps(
-                {"v": 1, "producer": producer, "last_seq": sent - 1}), retain=True)
+            for p in range(shards):
+                last_seq = (sent - 1 - p) // shards  # -1 if nothing went to partition p
+                await publisher.send(topics.producer(producer, p), orjson.dumps(
+                    {"v": 1, "producer": producer, "last_seq": last_seq}), retain=True)
             await publisher.flush()
     results.put(("done", index, {"batches": sent, "orders": orders, "gmv_cents": gmv,
                                  "bytes": size, "seconds": time.monotonic() - t0,
@@ -378,39 +385,45 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
               *(["--ca-file", broker.ca_file] if broker.ca_file else [])]
     env = {**os.environ, "GMV_MQTT_PASSWORD": broker.password} if broker.password else None
     port = free_port()
-    aggregator = Child.start("aggregator", Path(tmp),  # measures the pipeline alone
-                             [*gmv, "aggregate", *common, "--no-checkpoint"], env)
-    server = Child.start("server", Path(tmp), [*gmv, "serve", *common, "--port", str(port)], env)
-    for child in (aggregator, server):
+    n = args.shards
+    aggregators = [Child.start(f"aggregator-{k}", Path(tmp),  # measures the pipeline alone
+                               [*gmv, "aggregate", *common, "--no-checkpoint",
+                                "--shard", f"{k}/{n}"], env) for k in range(n)]
+    server = Child.start("server", Path(tmp), [*gmv, "serve", *common, "--port", str(port),
+                                               "--shards", str(n)], env)
+    for child in (*aggregators, server):
         stack.callback(child.proc.wait, 10)
         stack.callback(child.proc.terminate)
-    procs = {"aggregator": Proc("aggregator", aggregator.proc.pid),
-             "server": Proc("server", server.proc.pid), "bench": Proc("bench", os.getpid())}
+    procs = {a.name: Proc(a.name, a.proc.pid) for a in aggregators}
+    procs.update(server=Proc("server", server.proc.pid), bench=Proc("bench", os.getpid()))
     if broker_pid:
         procs["broker"] = Proc("broker", broker_pid)
 
-    latest: dict = {}
+    shard_totals: dict[str, dict] = {}
+    latest = _Merged(shard_totals)
     ready = asyncio.Event()
 
     def note_totals(topic: str, payload: bytes, retained: bool) -> None:
         if topic.startswith(f"{topics.prefix}/totals/"):
-            latest.update(orjson.loads(payload))
+            shard_totals[topic.rpartition("/")[2]] = orjson.loads(payload)
 
     watcher = asyncio.create_task(watch_totals(broker, topics, note_totals, ready=ready))
     await asyncio.wait_for(ready.wait(), 10)
     await _wait_for_port(server, port)
-    await asyncio.sleep(1.0)  # the aggregator subscribes
-    aggregator.check()
+    await asyncio.sleep(1.0)  # the aggregators subscribe
+    for child in aggregators:
+        child.check()
     frames: list[float] = []
     viewer = asyncio.create_task(_view(port, frames))
-    report.aggregator_rss_mb["start"] = procs["aggregator"].rss_mb()
+    report.aggregator_rss_mb["start"] = _rss(procs, n)
 
     ctx = multiprocessing.get_context("spawn")  # no copy of this process's event loop
     results, go = ctx.Queue(), ctx.Event()
     shared = dict(run=run, broker=broker, prefix=topics.prefix,
                   schedule=str(schedule), producers=args.producers, qos=args.qos,
                   batch_orders=args.batch_orders, encoding=args.encoding,
-                  seconds=max(seconds, 1), window_minutes=15_840, inflight=args.inflight)
+                  seconds=max(seconds, 1), window_minutes=15_840, inflight=args.inflight,
+                  shards=n)
     shared.update(source=args.source, year=live.get("year"), order_scale=live.get("order_scale"))
     workers = [ctx.Process(target=_produce, args=(i, shared, go, results), daemon=True)
                for i in range(args.producers)]
@@ -434,7 +447,7 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
         _progress_bar(time.monotonic() - t0, args.duration, published, latest)
         if "after_1M_orders" not in report.aggregator_rss_mb and \
                 latest.get("orders", 0) >= 1_000_000:
-            report.aggregator_rss_mb["after_1M_orders"] = procs["aggregator"].rss_mb()
+            report.aggregator_rss_mb["after_1M_orders"] = _rss(procs, n)
         if not any(w.is_alive() for w in workers) and len(done) < args.producers:
             raise ConfigError("a producer process died; run with -v to see why")
         await asyncio.sleep(0.25)
@@ -460,8 +473,7 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
                         for name, p in procs.items()}
     for index, d in sorted(done.items()):  # producers have exited: they report their own
         report.cpu_cores[f"producer-{index}"] = round(d["cpu_seconds"] / wall, 3)
-    report.aggregator_rss_mb[f"end ({latest.get('orders', 0):,} orders)"] = \
-        procs["aggregator"].rss_mb()
+    report.aggregator_rss_mb[f"end ({latest.get('orders', 0):,} orders)"] = _rss(procs, n)
     report.aggregated_orders = int(latest.get("orders", 0))
     report.aggregated_gmv_cents = int(latest.get("gmv_cents", 0))
     report.aggregated_batches = int(latest.get("batches", 0))
@@ -475,6 +487,27 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
     if sys.stderr.isatty():
         sys.stderr.write("\n")
     return report
+
+
+class _Merged:
+    """The shards' latest totals, summed where they add up; latency percentiles are the
+    worst shard's (an upper bound: percentiles of parts do not merge)."""
+
+    def __init__(self, shards: dict[str, dict]) -> None:
+        self.shards = shards
+
+    def get(self, key: str, default=None):
+        values = [t[key] for t in self.shards.values() if t.get(key) is not None]
+        if not values:
+            return default
+        if key == "latency_ms":
+            return {q: (sum if q == "count" else max)(v[q] for v in values) for q in values[0]}
+        return sum(values)
+
+
+def _rss(procs: dict[str, Proc], shards: int) -> float:
+    """The aggregators' resident memory, all shards together."""
+    return sum(procs[f"aggregator-{k}"].rss_mb() for k in range(shards))
 
 
 async def _wait_for_port(child: Child, port: int) -> None:

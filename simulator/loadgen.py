@@ -45,9 +45,15 @@ class Pool:
 
 
 def build_pool(scenario: Scenario, minute: int, batch_orders: int, batches: int, *,
-               binary: bool, producer: str) -> Pool:
-    """Cut `batches` batches of `batch_orders` from `minute` of `scenario` (wrapping around)."""
+               binary: bool, producer: str, partition: tuple[int, int] = (0, 1)) -> Pool:
+    """Cut `batches` batches of `batch_orders` from `minute` of `scenario` (wrapping around).
+    `partition` (p, P): of the minute's orders, only those of brand partition p of P."""
     orders = scenario.orders(minute)
+    p, partitions = partition
+    if partitions > 1:
+        keep = orders.brand % partitions == p
+        orders = MinuteOrders(orders.amount_cents[keep], orders.brand[keep],
+                              orders.country[keep], orders.platform[keep])
     if batch_orders > len(orders):
         raise ValueError(f"batch_orders={batch_orders}: minute {minute} has {len(orders)}")
     bodies, counts, gmv = [], [], []

@@ -31,6 +31,13 @@ def test_pool_payloads_are_valid_batches_stamped_as_asked(binary):
     assert len(batch) == pool.orders[2] == 1_000 and batch.gmv_cents == pool.gmv_cents[2]
 
 
+def test_a_partitions_pool_holds_only_the_brands_of_that_partition():
+    """`--shards N`: each producer sends partition p's batches from a pool of brand % N == p."""
+    pool = build_pool(S2020, 15_120, 1_000, 2, binary=True, producer="b", partition=(1, 3))
+    batch = decode(pool.payload(1, seq=0, minute=1, sent_at_us=1), festival_limits())
+    assert len(batch) == 1_000 and set((batch.brand % 3).tolist()) == {1}
+
+
 def test_constant_rate_deadlines_are_evenly_spaced_and_absolute():
     """100,000 orders/s in 10,000-order batches: one batch every 0.1 s, from 0."""
     due = deadlines(np.full(3, 100_000.0), 10_000, 10**9)
@@ -49,13 +56,17 @@ def test_festival_shape_peaks_at_the_requested_rate_on_nov_11():
     assert rates.min() > 0
 
 
-def test_bench_runs_and_its_counts_conserve(mosquitto, tmp_path, capsys):
-    """A short bench through a real Mosquitto loses and double counts nothing, and says so."""
+@pytest.mark.parametrize("shards", [1, 2])
+def test_bench_runs_and_its_counts_conserve(mosquitto, tmp_path, capsys, shards):
+    """A short bench through a real Mosquitto, into one shard or two brand-partitioned ones,
+    loses and double counts nothing, and says so."""
     report_path = tmp_path / "bench.json"
     code = main(["bench", "--broker", mosquitto.url, "--duration", "2", "--rate", "100000",
-                 "--batch-orders", "5000", "--json", str(report_path)])
+                 "--batch-orders", "5000", "--shards", str(shards), "--json", str(report_path)])
     report = orjson.loads(report_path.read_bytes())
     assert code == 0
+    assert [k for k in report["cpu_cores"] if k.startswith("aggregator-")] == \
+        [f"aggregator-{k}" for k in range(shards)]
     assert report["published_orders"] == report["aggregated_orders"] == 200_000
     assert report["published_gmv_cents"] == report["aggregated_gmv_cents"] > 0
     assert report["lost_orders"] == report["double_counted_orders"] == 0
