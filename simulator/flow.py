@@ -2,10 +2,11 @@
 
 MQTT tells a publisher only that the broker took a message, not that anyone got it: a broker
 drops what a subscriber's queue cannot hold (Mosquitto: 1,000 messages a client by default)
-and says nothing. So a replay publishes sequence number `seq` only while fewer than `window`
-of its messages are unapplied by some aggregator shard, as the shards' acknowledgements say
-(`{prefix}/acks/{shard}/{producer}`, retained), and ends with a verdict: what it published
-against what the shards applied for it.
+and says nothing. So a replay publishes a message only while the shard that takes it has
+fewer than `window` of its messages unapplied, over all the brand partitions (streams) that
+shard owns, as the shards' acknowledgements say (`{prefix}/acks/{shard}/{producer}[/{p}]`,
+retained), and ends with a verdict: what it published against what the shards applied for
+it, over every stream.
 
 `AckWindow` is the pure part (messages and time in, answers out); `FlowControl` subscribes,
 waits, and says in one line why whenever it has waited long.
