@@ -181,11 +181,15 @@ class AckWindow:
         return {s for s, at in self.alive_at.items() if now - at <= ALIVE_FOR}
 
     def shards(self, now: float, partition: int | None = None) -> set[str]:
-        """The shards to wait for (on `partition`, or any): every one running that owns it,
-        and every one that ever acknowledged us on it (its session may hold our messages
-        while it is away)."""
-        return {s for s in self.running(now) if partition is None or self._owns(s, partition)} \
-            | {s for s, q in self.acks if partition is None or q == partition}
+        """The shards to wait for on `partition`: the running ones that own it; while none
+        does, every one that ever acknowledged us on it (its session may hold our messages
+        while it is away). A shard retired by a resharding, whose partition another shard
+        now owns, is not waited for. Without `partition`: every shard running or acked."""
+        running = self.running(now)
+        if partition is None:
+            return running | {s for s, _ in self.acks}
+        owners = {s for s in running if self._owns(s, partition)}
+        return owners or {s for s, q in self.acks if q == partition}
 
     def _owns(self, shard: str, partition: int) -> bool:
         layout = self.layout.get(shard)

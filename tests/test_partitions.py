@@ -199,3 +199,23 @@ def test_totals_with_an_impossible_partitioning_are_refused(partitions, owned):
            "orders": 1, "partitions": partitions, "owned": owned}
     with pytest.raises(MessageError):
         parse_totals("0", doc)
+
+
+def test_a_shard_retired_by_a_resharding_does_not_hold_the_window():
+    """Shard 3 of a 4-shard layout acked partition 3 at seq 5 and is gone; shard 0 of 3 owns
+    partition 3 now: the window follows shard 0 alone. With no running owner, a shard that
+    acked the partition is waited for (its session may hold our messages)."""
+    topics = Topics("gmv/v1")
+    acks = AckWindow(topics, "me", 10)
+    old = {"v": 1, "shard": "3", "producer": "me", "partition": 3, "next_seq": 5,
+           "max_seen": 4, "gaps": 0, "orders": 5, "gmv_cents": 50, "chatbot_queries": 0,
+           "resets": 0, "state": "old"}
+    acks.receive(topics.acks("3", "me/3"), orjson.dumps(old), True, 0.0)
+    acks.begin(12)
+    assert acks.shards(0.0, 3) == {"3"}  # nobody else owns it: wait for the one that acked
+    acks.receive(topics.totals("0"), orjson.dumps({"state": "s", "partitions": 12,
+                                                   "owned": [0, 3, 6, 9]}), False, 1.0)
+    now = {**old, "shard": "0", "next_seq": 12, "max_seen": 11, "state": "s"}
+    acks.receive(topics.acks("0", "me/3"), orjson.dumps(now), False, 1.5)
+    assert acks.shards(1.5, 3) == {"0"} and acks.applied(1.5, 3) == 12
+    assert acks.room(16, 1.5, 3)  # shard 3's seq 5 no longer holds it back
