@@ -208,8 +208,9 @@ def run_case(args: argparse.Namespace, port: int, broker_pid: int, kind: str) ->
     topic = f"bench/{uuid.uuid4().hex[:10]}/orders/{producer}/0"
     common = ["--port", str(port), "--topic", topic, "--count", str(args.count),
               "--batch-orders", str(args.batch_orders), "--deadline", str(args.deadline)]
+    profile = ["--profile", args.profile] if args.profile and kind != "plain" else []
     sub = _spawn([str(HERE), "--role", "consumer", "--kind", kind, "--encoding", args.encoding,
-                  *common], 1 if pin else None)
+                  *profile, *common], 1 if pin else None)
     pub = None
     try:
         _line(sub, "READY", 30)
@@ -318,12 +319,19 @@ def main() -> int:
                         help="no new case after this many seconds")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--profile", metavar="PATH",
+                        help="cProfile our consumer into PATH (pstats), for finding costs")
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--topic", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role == "consumer":
         if args.kind == "plain":
             plain_main(args)
+        elif args.profile:
+            import cProfile
+
+            cProfile.runctx("asyncio.run(ours_main(args))", globals(), {"args": args},
+                            args.profile)
         else:
             asyncio.run(ours_main(args))
         return 0

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,13 @@ log = logging.getLogger(__name__)
 def _partition(level: str) -> int | None:
     return int(level) if level.isdecimal() and level.isascii() and len(level) <= 4 else None
 ACK_EVERY = 32  # in memory, acks go out after this many messages, and every totals interval
+# The broker's replies to our publishes and subscribes (PUBACK, SUBACK) come on the connection
+# the batches come on, behind whatever it has sent ahead of them: under a backlog (Mosquitto
+# 2.0 sends a slow client past its in-flight limit) that is many seconds, and the client reads
+# no faster than the shard applies. A timeout there ended the session, and an in-memory
+# shard's backlog in the broker with it (10,000s of batches lost at 25M orders/s), so these
+# waits have none; a connection that dies ends the session through the consumer instead.
+REPLY_TIMEOUT = math.inf
 
 
 @dataclass(frozen=True)
@@ -255,7 +263,7 @@ class Aggregator:
         live copy a full queue dropped (with the tail it announces) still arrives."""
         while True:
             await asyncio.sleep(every)
-            await client.subscribe(self._announcements())
+            await client.subscribe(self._announcements(), timeout=REPLY_TIMEOUT)
 
     async def _checkpoint_timer(self, client) -> None:
         while True:
@@ -301,7 +309,7 @@ class Aggregator:
                 payload = b"" if doc is None else orjson.dumps({"v": 1, "shard": self.shard.name,
                                                                   **doc})
                 await client.publish(self.topics.acks(self.shard.name, producer), payload, qos=1,
-                                     retain=True)
+                                     retain=True, timeout=REPLY_TIMEOUT)
 
     async def _publish_totals(self, client) -> None:
         last_body, last_time, last_gaps = b"", 0.0, 0
@@ -320,6 +328,6 @@ class Aggregator:
                 totals = {"v": 1, "shard": self.shard.name, "window": self.window.as_dict(),
                           **snapshot}
                 await client.publish(self.topics.totals(self.shard.name), orjson.dumps(totals),
-                                     qos=1, retain=True)
+                                     qos=1, retain=True, timeout=REPLY_TIMEOUT)
                 last_body, last_time = body, now
             await asyncio.sleep(self.totals_interval)

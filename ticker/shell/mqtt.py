@@ -295,7 +295,10 @@ class _Messages:
         return self
 
     async def __anext__(self) -> aiomqtt.Message:
-        queue = self._client._read_queue
+        client = self._client
+        if client._flush_due:  # the acks of the messages taken so far go out now, not once
+            client._flush()  # the queue is empty: the broker's window moves on meanwhile
+        queue = client._read_queue
         if self._started and not queue.empty():
             return queue.get_nowait()
         self._started = True
