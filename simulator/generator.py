@@ -4,8 +4,8 @@ A minute's amounts are drawn around the average order value (log-normal) and the
 and rounded so that they add up to the minute's GMV exactly, each at least one cent. The
 minute's first orders go to the brands whose debut falls in it, the rest by popularity.
 
-Strategy: the same orders, byte for byte, as the first generator drew, about ten times as
-fast (25-30M orders/s a core where it made 2.4-3.5M; `benchmarks/generator.py` runs both).
+Strategy: the same orders, byte for byte, as the first generator drew, 6-11 times as fast
+(18-28M orders/s a core where it made 2.3-3.2M; `benchmarks/generator.py` runs both).
 A scenario and a seed fix the stream, recordings and tests pin it, and a faster sampler
 that drew other orders (alias tables, float32 normals) would have changed every figure
 derived from it for no gain the exact one cannot reach, so every draw is the same call on
