@@ -28,7 +28,7 @@ def bench(shards: int, args: argparse.Namespace) -> dict:
             GMV + ["bench", "--shards", str(shards), "--rate", str(args.rate), "--duration",
                    str(args.duration), "--batch-orders", str(args.batch_orders),
                    "--encoding", args.encoding, "--producers", str(args.producers),
-                   "--json", out.name],
+                   "--drain-timeout", "120", "--json", out.name],
             capture_output=True, text=True, timeout=args.duration * 6 + 120)
         if done.returncode != 0:
             raise SystemExit(f"gmv bench --shards {shards} failed: {done.stderr[-500:]}")
