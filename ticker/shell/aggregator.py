@@ -207,12 +207,16 @@ class Aggregator:
         await self._subscribe_partitions(client)
         if self.verifier is not None:
             await client.subscribe(self.topics.control, qos=1)
-        self.ready.set()
         name = f"aggregator-{self.shard.name}"
-        async with asyncio.TaskGroup() as tg:
+        # Totals and acks go out on a connection of their own: on the batches' connection
+        # the broker's PUBACK waits behind the backlog it sent ahead (seconds under
+        # overload), and the screen and the producers' windows would wait with it.
+        async with connect(self.broker, unique_client_id("gmv-aggregator-out"),
+                           max_inflight=16) as out, asyncio.TaskGroup() as tg:
+            self.ready.set()
             tg.create_task(self._consume(client), name=f"{name}-consume")
-            tg.create_task(self._publish_totals(client), name=f"{name}-totals")
-            tg.create_task(self._send_acks(client), name=f"{name}-acks")
+            tg.create_task(self._publish_totals(out), name=f"{name}-totals")
+            tg.create_task(self._send_acks(out), name=f"{name}-acks")
             tg.create_task(self._reread_announcements(client), name=f"{name}-announcements")
             if self.durable:
                 tg.create_task(self._checkpoint_timer(client), name=f"{name}-checkpoints")
