@@ -41,6 +41,7 @@ import time
 import uuid
 from pathlib import Path
 
+import _common
 from _common import cpu_seconds, festival_limits, machine_info, own_mosquitto, \
     system_busy_seconds, write_json
 
@@ -252,6 +253,9 @@ def orchestrate(args: argparse.Namespace) -> int:
     started = time.monotonic()
     print(f"{'kind':<13} {'orders/s':>12} {'cpu µs/batch':>13} {'rss MB':>7} {'exact':>6} "
           f"{'others':>7}")
+    if args.broker_inflight:  # as gmv bench's Mosquitto: a bounded in-flight window
+        _common.MOSQUITTO_BENCH_CONF = _common.MOSQUITTO_BENCH_CONF.replace(
+            "max_inflight_messages 0", f"max_inflight_messages {args.broker_inflight}")
     with own_mosquitto() as (port, broker):
         for r in range(args.repeat):
             for kind in args.kinds:
@@ -297,7 +301,8 @@ def orchestrate(args: argparse.Namespace) -> int:
         write_json(args.json, {
             "command": " ".join([".venv/bin/python", "benchmarks/json_vs_plain.py",
                                  *sys.argv[1:]]),
-            "machine": machine_info(), "rows": rows, "summary": summary,
+            "machine": machine_info(), "broker_inflight": args.broker_inflight, "rows": rows,
+            "summary": summary,
             "ratios_to_plain": ratios})
     return 0 if all(s["all_exact"] for s in summary.values()) else 1
 
@@ -317,6 +322,9 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=40.0, help="seconds a case at most")
     parser.add_argument("--max-seconds", type=float, default=300.0,
                         help="no new case after this many seconds")
+    parser.add_argument("--broker-inflight", type=int, default=0, metavar="N",
+                        help="Mosquitto's max_inflight_messages (default 0: unlimited; "
+                             "gmv bench uses 32)")
     parser.add_argument("--no-pin", dest="pin", action="store_false")
     parser.add_argument("--json", metavar="PATH")
     parser.add_argument("--profile", metavar="PATH",
