@@ -560,3 +560,22 @@ def test_latency_percentiles_never_pass_the_largest_or_smallest_latency_seen():
         assert p is not None
         assert min(values) / 1000 <= p["p50"] <= p["p90"] <= p["p99"] <= p["p999"] <= p["max"]
         assert p["max"] == max(values) / 1000
+
+
+def test_top_brands_bounded_by_the_last_kth_equal_a_full_ranking_through_resets_and_ties():
+    """top_brands takes only the brands at or above the last call's k-th GMV (GMV only grows
+    between resets); after every batch, with ties and a reset, it equals a full ranking."""
+    rng = np.random.default_rng(7)
+    state = AggregateState(Limits(n_brands=300, n_minutes=10, n_countries=2, n_platforms=2))
+    for seq in range(80):
+        n = int(rng.integers(1, 60))
+        amounts = rng.choice([1, 2, 100], n) if seq % 3 else rng.integers(1, 10**6, n)
+        state.apply(OrderBatch("p", seq, 0, amounts.astype(np.int64),
+                               rng.integers(0, 300, n).astype(np.uint32),
+                               np.zeros(n, np.uint8), np.zeros(n, np.uint8)))
+        if seq == 40:
+            state.reset()
+        gmv = state.gmv_by_brand
+        ids = np.flatnonzero(gmv > 0)
+        ids = ids[np.lexsort((ids, -gmv[ids]))][:10]
+        assert state.top_brands() == [[int(i), int(gmv[i])] for i in ids]

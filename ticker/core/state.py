@@ -237,12 +237,28 @@ class AggregateState:
         first, ties by lower id."""
         gmv = self.gmv_by_brand
         if len(gmv) > k:
-            kth = np.partition(gmv, len(gmv) - k)[len(gmv) - k]
-            ids = np.flatnonzero(gmv >= max(int(kth), 1))
+            ids = self._above_last_kth(gmv, k)
+            if ids is None:  # a partition of every brand: 6 ms at 250,000
+                kth = np.partition(gmv, len(gmv) - k)[len(gmv) - k]
+                ids = np.flatnonzero(gmv >= max(int(kth), 1))
         else:
             ids = np.flatnonzero(gmv > 0)
         ids = ids[np.lexsort((ids, -gmv[ids]))][:k]
+        if len(ids) == k:
+            self._top_floor = (gmv, k, self.resets, self.gmv_cents, int(gmv[ids[-1]]))
         return [[int(i), int(gmv[i])] for i in ids]
+
+    def _above_last_kth(self, gmv: np.ndarray, k: int) -> np.ndarray | None:
+        """The brands at or above the k-th largest GMV of the last call, if that still
+        bounds the top k: a brand's GMV only grows between resets (which make new arrays),
+        so the k brands of the last call are all still there and the new k-th is at least
+        the old one. None when it cannot be used (first call, a reset, too many ties)."""
+        floor = getattr(self, "_top_floor", None)
+        if floor is None or floor[0] is not gmv or floor[1] != k or floor[2] != self.resets \
+                or floor[3] > self.gmv_cents:
+            return None
+        ids = np.flatnonzero(gmv >= max(floor[4], 1))
+        return ids if k <= len(ids) <= 64 * k else None
 
     def curve_cents(self) -> list[int]:
         """GMV per curve bucket (`curve_bucket_minutes` wide) from the window's start up to
