@@ -204,17 +204,19 @@ class Aggregator:
         self._unacked = []  # the broker redelivers whatever we had not acknowledged
         # Every producer hears again where it stands: a reconnect may have lost an ack.
         self.state.watermarks.changed.update(self.state.watermarks.producers)
-        await self._subscribe_partitions(client)
-        if self.verifier is not None:
-            await client.subscribe(self.topics.control, qos=1)
         name = f"aggregator-{self.shard.name}"
         # Totals and acks go out on a connection of their own: on the batches' connection
         # the broker's PUBACK waits behind the backlog it sent ahead (seconds under
         # overload), and the screen and the producers' windows would wait with it.
         async with connect(self.broker, unique_client_id("gmv-aggregator-out"),
                            max_inflight=16) as out, asyncio.TaskGroup() as tg:
-            self.ready.set()
+            # The consumer first: a persistent session's backlog arrives before the SUBACKs,
+            # behind it in a read-ahead that only the consumer drains.
             tg.create_task(self._consume(client), name=f"{name}-consume")
+            await self._subscribe_partitions(client)
+            if self.verifier is not None:
+                await client.subscribe(self.topics.control, qos=1, timeout=REPLY_TIMEOUT)
+            self.ready.set()
             tg.create_task(self._publish_totals(out), name=f"{name}-totals")
             tg.create_task(self._send_acks(out), name=f"{name}-acks")
             tg.create_task(self._reread_announcements(client), name=f"{name}-announcements")
@@ -246,8 +248,9 @@ class Aggregator:
         shard = self.state.shard
         levels = ["#"] if shard.count == 1 else [f"+/{p}" for p in shard.owned]
         await client.subscribe([(f"{self.topics.prefix}/{kind}/{level}", 1)
-                                for kind in ("orders", "chatbot") for level in levels])
-        await client.subscribe(self._announcements())
+                                for kind in ("orders", "chatbot") for level in levels],
+                               timeout=REPLY_TIMEOUT)
+        await client.subscribe(self._announcements(), timeout=REPLY_TIMEOUT)
 
     def _announcements(self) -> list[tuple[str, int]]:
         return [(self.topics.producer("+"), 1), (self.topics.producer("+") + "/+", 1)]
