@@ -234,18 +234,22 @@ class _Client(aiomqtt.Client):
             self._loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_due = False
         paho = self._client
         if paho._sock is None:
+            self._flush_due = False
             return
         paho._registered_write = False  # so that a short write registers a writer again
         try:
-            paho.loop_write()
+            paho.loop_write()  # (a registration it makes is answered below, not scheduled)
         except Exception as exc:
             if not self._disconnected.done():
                 self._disconnected.set_exception(exc)
             return
-        if paho.want_write():  # the socket took only part: wait until it is writable
+        finally:
+            self._flush_due = False
+        # The socket took only part: wait until it is writable (unless the write found the
+        # connection gone: paho has closed the socket, and the session ends by its reader).
+        if paho._sock is not None and paho.want_write():
             super()._on_socket_register_write(paho, None, paho._sock)
 
 
