@@ -210,14 +210,16 @@ class Aggregator:
         # overload), and the screen and the producers' windows would wait with it.
         async with connect(self.broker, unique_client_id("gmv-aggregator-out"),
                            max_inflight=16) as out, asyncio.TaskGroup() as tg:
-            # The consumer first: a persistent session's backlog arrives before the SUBACKs,
-            # behind it in a read-ahead that only the consumer drains.
+            # The consumer before subscribing: a persistent session's backlog arrives ahead
+            # of the SUBACKs, in a read-ahead that only the consumer drains. The first totals
+            # still say where the session started (a restart's checkpoint), once subscribed.
+            first = self.state.snapshot()
             tg.create_task(self._consume(client), name=f"{name}-consume")
             await self._subscribe_partitions(client)
             if self.verifier is not None:
                 await client.subscribe(self.topics.control, qos=1, timeout=REPLY_TIMEOUT)
             self.ready.set()
-            tg.create_task(self._publish_totals(out), name=f"{name}-totals")
+            tg.create_task(self._publish_totals(out, first), name=f"{name}-totals")
             tg.create_task(self._send_acks(out), name=f"{name}-acks")
             tg.create_task(self._reread_announcements(client), name=f"{name}-announcements")
             if self.durable:
@@ -318,12 +320,15 @@ class Aggregator:
                 await client.publish(self.topics.acks(self.shard.name, producer), payload, qos=1,
                                      retain=True, timeout=REPLY_TIMEOUT)
 
-    async def _publish_totals(self, client) -> None:
+    async def _publish_totals(self, client, first: dict | None = None) -> None:
+        """Totals every `totals_interval` on change, and every second; `first`: the snapshot
+        to send first (taken when the session started)."""
         last_body, last_time, last_gaps = b"", 0.0, 0
         while True:
             if not self.durable:
                 self._acks_due.set()
-            snapshot, gaps = self.state.snapshot(), self.state.watermarks.gaps
+            snapshot, gaps = first or self.state.snapshot(), self.state.watermarks.gaps
+            first = None
             if gaps > last_gaps:
                 log.warning("%d batches missing from producers' sequences: the broker may have "
                             "dropped them (see max_queued_messages in docs/reliability.md)", gaps)
