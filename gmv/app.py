@@ -37,7 +37,7 @@ from ticker.shell.aggregator import Aggregator
 from ticker.core.control import Command, ControlError, minute_of, read_answer, sign
 from ticker.core.dimensions import DEFAULT_BRANDS, DEFAULT_COUNTRIES, DEFAULT_PLATFORMS, Window
 from ticker.core.errors import ConfigError
-from ticker.core.partitions import Shard
+from ticker.core.partitions import Shard, partition_level
 from ticker.core.feed import Comparison, Currency
 from ticker.core.reference import Reference
 from ticker.shell import reference as reference_file
@@ -353,7 +353,7 @@ async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
                 name, levels = topics.kind(message.topic.value)
                 writer.write(CHATBOT if name == "chatbot" else ORDERS,
                              message.payload if isinstance(message.payload, bytes) else b"",
-                             int(levels[1]) if levels[1:] and levels[1].isdecimal() else 0)
+                             (partition_level(levels[1]) if levels[1:] else None) or 0)
     finally:
         file.close()
         print(f"recorded {writer.messages:,} messages, {writer.orders:,} orders, "

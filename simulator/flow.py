@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import orjson
 
 from ticker.core.errors import ConfigError
-from ticker.core.partitions import MAX_PARTITIONS
+from ticker.core.partitions import MAX_PARTITIONS, partition_level
 from ticker.core.wire import MAX_TOTAL
 from ticker.shell.mqtt import BrokerSettings, Topics, watch
 
@@ -156,7 +156,7 @@ class AckWindow:
             for stream in [key for key in self.acks if key[0] == shard]:
                 self._compare(stream)
         elif kind == "acks" and len(rest) in (2, 3) and rest[1] == self.producer:
-            partition = 0 if len(rest) == 2 else _partition(rest[2])
+            partition = 0 if len(rest) == 2 else partition_level(rest[2])
             ack = ShardAck.parse(payload)
             if ack is not None and partition is not None:
                 stream = (rest[0], partition)
@@ -257,10 +257,6 @@ class AckWindow:
         totals = self.applied_totals()
         return Verdict(self.producer, orders, cents, totals[0] - self.baseline[0],
                        totals[1] - self.baseline[1], unapplied, len(self.shards(now)))
-
-
-def _partition(level: str) -> int | None:
-    return int(level) if level.isdecimal() and level.isascii() and len(level) <= 4 else None
 
 
 class FlowControl:

@@ -26,6 +26,12 @@ def stream_name(producer: str, partition: int) -> str:
     return producer if partition == 0 else f"{producer}/{partition}"
 
 
+def partition_level(level: str) -> int | None:
+    """The partition a topic level names (ASCII decimal, as in `orders/{producer}/{p}`), or
+    None for anything else."""
+    return int(level) if level.isdecimal() and level.isascii() and len(level) <= 4 else None
+
+
 def stream_of(name: str) -> tuple[str, int]:
     """(producer, partition) of a stream name (producer names hold no '/')."""
     producer, _, partition = name.partition("/")

@@ -38,16 +38,13 @@ from ticker.core.dimensions import BIG_BRAND_CENTS, Window
 from ticker.core.logthrottle import LogThrottle
 from ticker.shell.mqtt import BrokerSettings, ConnectionStats, Topics, ack, connect, \
     reconnecting, unique_client_id
-from ticker.core.partitions import Shard, stream_name
+from ticker.core.partitions import Shard, partition_level, stream_name
 from ticker.core.state import AggregateState
 from ticker.core.wire import BatchError, Limits, OrderBatch, dead_letter, decode, \
     decode_announcement, decode_chatbot
 
 log = logging.getLogger(__name__)
 
-
-def _partition(level: str) -> int | None:
-    return int(level) if level.isdecimal() and level.isascii() and len(level) <= 4 else None
 ACK_EVERY = 32  # in memory, acks go out after this many messages, and every totals interval
 # The broker's replies to our publishes and subscribes (PUBACK, SUBACK) come on the connection
 # the batches come on, behind whatever it has sent ahead of them: under a backlog (Mosquitto
@@ -133,7 +130,7 @@ class Aggregator:
         return Handled("ignored")
 
     def _apply(self, kind: str, rest: list[str], payload: bytes, now: float) -> Handled:
-        partition = _partition(rest[1]) if len(rest) == 2 else None
+        partition = partition_level(rest[1]) if len(rest) == 2 else None
         if partition is None:
             raise BatchError("bad_topic", f"publish on {self.topics.prefix}/{kind}/"
                                           "{producer}/{partition}")
@@ -151,7 +148,7 @@ class Aggregator:
     def _note_announcement(self, rest: list[str], payload: bytes) -> Handled:
         """A producer's `{"producer": ..., "last_seq": N}` on `producers/{producer}` (its
         partition 0) or `producers/{producer}/{partition}`: lets a lost tail show as a gap."""
-        partition = 0 if len(rest) == 1 else _partition(rest[1]) if len(rest) == 2 else None
+        partition = 0 if len(rest) == 1 else partition_level(rest[1]) if len(rest) == 2 else None
         if partition is None or not self.state.shard.owns(partition):
             return Handled("ignored")  # another shard's stream (or no stream at all)
         stream = stream_name(rest[0], partition)
