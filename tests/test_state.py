@@ -579,3 +579,28 @@ def test_top_brands_bounded_by_the_last_kth_equal_a_full_ranking_through_resets_
         ids = np.flatnonzero(gmv > 0)
         ids = ids[np.lexsort((ids, -gmv[ids]))][:10]
         assert state.top_brands() == [[int(i), int(gmv[i])] for i in ids]
+
+
+@pytest.mark.parametrize(("countries", "platforms"), [(12, 3), (40, 10), (256, 256)])
+@pytest.mark.parametrize("n", [1, 1023, 1024, 5_000])
+def test_country_and_platform_totals_equal_a_plain_sum_for_any_cell_count_and_batch_size(
+        countries, platforms, n):
+    """The lanes of the (country, platform) scatter add up to a plain per-order sum: cells
+    in uint8 (12 x 3), uint16 (40 x 10), the 256 x 256 path, batches around the lane row."""
+    limits = Limits(n_brands=100, n_minutes=10, n_countries=countries, n_platforms=platforms)
+    state = AggregateState(limits)
+    rng = np.random.default_rng(n)
+    amount = rng.integers(1, 100_000_000, n)
+    country = rng.integers(0, countries, n).astype(np.uint8)
+    platform = rng.integers(0, platforms, n).astype(np.uint8)
+    brand = rng.integers(0, 100, n).astype(np.uint32)
+    assert state.apply(OrderBatch("p", 0, 3, amount, brand, country, platform))
+    for name, ids, size in (("country", country, countries), ("platform", platform, platforms)):
+        gmv, orders = np.zeros(size, np.int64), np.zeros(size, np.int64)
+        for i, cents in zip(ids.tolist(), amount.tolist()):
+            gmv[i] += cents
+            orders[i] += 1
+        assert np.array_equal(getattr(state, f"gmv_by_{name}"), gmv)
+        assert np.array_equal(getattr(state, f"orders_by_{name}"), orders)
+    assert np.array_equal(state.orders_by_brand, np.bincount(brand, minlength=100))
+    assert np.array_equal(state.brand_overseas, np.isin(np.arange(100), brand[country != 0]))

@@ -528,8 +528,8 @@ def _check_values(batch: OrderBatch, limits: Limits) -> None:
                          f"got {amount.min()}..{amount.max()}")
     for name, bound in (("brand", limits.n_brands), ("country", limits.n_countries),
                         ("platform", limits.n_platforms)):
-        column = getattr(batch, name)
-        if column.min() < 0 or column.max() >= bound:
+        column = getattr(batch, name)  # unsigned in binary batches: no minimum to check
+        if (column.dtype.kind != "u" and column.min() < 0) or column.max() >= bound:
             raise BatchError("unknown_id", f"{name} ids must be 0..{bound - 1}")
     if batch.minute_runs is not None:
         _check_runs(batch.minute_runs, batch.minute, n, limits)
