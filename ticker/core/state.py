@@ -38,7 +38,7 @@ from ticker.core.wire import MAX_TOTAL, BatchError, ChatbotCount, Limits, OrderB
 RECENT_MINUTES = 1440      # the latest minutes' GMV and orders in every snapshot
 MAX_BIG_BRAND_MINUTES = 1000  # crossing minutes of big brands reported: the first 1,000
 TOP_BRANDS = 10
-LANES = 8  # sub-totals of each country/platform cell: order i adds into lane i % LANES
+LANES = 8  # sub-totals of each id in `_lane_totals`: order i adds into lane i % LANES
 _LANE = np.arange(1024, dtype=np.intp) % LANES  # one row of lanes, for any batch size
 
 
@@ -197,33 +197,23 @@ class AggregateState:
                                      amount: np.ndarray) -> None:
         """GMV and orders by country and by platform (`country`, `platform`: the batch's
         uint8 columns). With few of both (the festival's 12 x 3), one scatter into the
-        batch's (country, platform) cells and their row and column sums, not four. Most
-        orders fall in one cell (China, Tmall), so each add waits for the one before;
-        order i goes to lane i % LANES of its cell, and the lanes, summed at the end, add
-        in parallel."""
+        batch's (country, platform) cells and their row and column sums, not two each."""
         n_countries, n_platforms = self.limits.n_countries, self.limits.n_platforms
         if n_countries * n_platforms > 4096:  # 256 x 256 ids without reference data
-            country, platform = country.astype(np.intp), platform.astype(np.intp)
-            np.add.at(self.gmv_by_country, country, amount)
-            np.add.at(self.gmv_by_platform, platform, amount)
-            self.orders_by_country += np.bincount(country, minlength=n_countries)
-            self.orders_by_platform += np.bincount(platform, minlength=n_platforms)
+            for ids, size, gmv_by, orders_by in (
+                    (country, n_countries, self.gmv_by_country, self.orders_by_country),
+                    (platform, n_platforms, self.gmv_by_platform, self.orders_by_platform)):
+                gmv, orders = _lane_totals(ids, size, amount)
+                gmv_by += gmv
+                orders_by += orders
             return
+        # The cell in the narrowest type: passes over 10 KB, not 80.
         n_cells = n_countries * n_platforms
-        # The cell in the narrowest type (passes over 10 KB, not 80), then as the index of
-        # (lane i % LANES, cell).
         cell = np.multiply(country, n_platforms, dtype=np.uint8 if n_cells <= 256 else np.uint16,
                            casting="unsafe")  # ids are checked: every cell fits
         np.add(cell, platform, out=cell, casting="unsafe")
-        index, lane = cell.astype(np.intp), _LANE * n_cells
-        whole = len(index) - len(index) % len(lane)
-        index[:whole].reshape(-1, len(lane))[...] += lane
-        index[whole:] += lane[:len(index) - whole]
-        cells = np.zeros(LANES * n_cells, np.int64)
-        np.add.at(cells, index, amount)
-        gmv = cells.reshape(LANES, n_countries, n_platforms).sum(axis=0)
-        orders = np.bincount(index, minlength=LANES * n_cells) \
-            .reshape(LANES, n_countries, n_platforms).sum(axis=0)
+        gmv, orders = (a.reshape(n_countries, n_platforms)
+                       for a in _lane_totals(cell, n_cells, amount))
         self.gmv_by_country += gmv.sum(axis=1)
         self.gmv_by_platform += gmv.sum(axis=0)
         self.orders_by_country += orders.sum(axis=1)
@@ -443,3 +433,17 @@ class AggregateState:
                 "big_brand_minutes": list(self.big_brand_minutes),
                 "top_brands": self.top_brands()})
         return self._brand_cache[1]
+
+
+def _lane_totals(ids: np.ndarray, size: int, amount: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The GMV and the orders of each id in range(size) over a batch's orders. Most orders
+    share a few ids (China, Tmall), and a scatter into one cell waits for its previous add:
+    order i adds into lane i % LANES of its id instead, and the lanes add up at the end."""
+    index, lane = ids.astype(np.intp), _LANE * size  # index: lane * size + id
+    whole = len(index) - len(index) % len(lane)
+    index[:whole].reshape(-1, len(lane))[...] += lane
+    index[whole:] += lane[:len(index) - whole]
+    gmv = np.zeros(LANES * size, np.int64)
+    np.add.at(gmv, index, amount)
+    orders = np.bincount(index, minlength=LANES * size)
+    return gmv.reshape(LANES, size).sum(axis=0), orders.reshape(LANES, size).sum(axis=0)
