@@ -586,7 +586,8 @@ def test_top_brands_bounded_by_the_last_kth_equal_a_full_ranking_through_resets_
 def test_country_and_platform_totals_equal_a_plain_sum_for_any_cell_count_and_batch_size(
         countries, platforms, n):
     """The lanes of the (country, platform) scatter add up to a plain per-order sum: cells
-    in uint8 (12 x 3), uint16 (40 x 10), the 256 x 256 path, batches around the lane row."""
+    in uint8 (12 x 3), in uint16 (40 x 10), each on its own (a batch over 256 x 256 ids),
+    batches around the length of the lane row."""
     limits = Limits(n_brands=100, n_minutes=10, n_countries=countries, n_platforms=platforms)
     state = AggregateState(limits)
     rng = np.random.default_rng(n)

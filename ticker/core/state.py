@@ -196,28 +196,29 @@ class AggregateState:
     def _add_countries_and_platforms(self, country: np.ndarray, platform: np.ndarray,
                                      amount: np.ndarray) -> None:
         """GMV and orders by country and by platform (`country`, `platform`: the batch's
-        uint8 columns). With few of both (the festival's 12 x 3), one scatter into the
-        batch's (country, platform) cells and their row and column sums, not two each."""
-        n_countries, n_platforms = self.limits.n_countries, self.limits.n_platforms
-        if n_countries * n_platforms > 4096:  # 256 x 256 ids without reference data
+        checked id columns). A batch spans few of both (the festival's 12 x 3, whatever
+        the limits allow): one scatter into its (country, platform) cells and their row
+        and column sums, not two scatters each."""
+        n_countries, n_platforms = int(country.max()) + 1, int(platform.max()) + 1
+        n_cells = n_countries * n_platforms
+        if n_cells > 4096:  # a batch of many countries and many platforms: each on its own
             for ids, size, gmv_by, orders_by in (
                     (country, n_countries, self.gmv_by_country, self.orders_by_country),
                     (platform, n_platforms, self.gmv_by_platform, self.orders_by_platform)):
                 gmv, orders = _lane_totals(ids, size, amount)
-                gmv_by += gmv
-                orders_by += orders
+                gmv_by[:size] += gmv
+                orders_by[:size] += orders
             return
         # The cell in the narrowest type: passes over 10 KB, not 80.
-        n_cells = n_countries * n_platforms
         cell = np.multiply(country, n_platforms, dtype=np.uint8 if n_cells <= 256 else np.uint16,
                            casting="unsafe")  # ids are checked: every cell fits
         np.add(cell, platform, out=cell, casting="unsafe")
         gmv, orders = (a.reshape(n_countries, n_platforms)
                        for a in _lane_totals(cell, n_cells, amount))
-        self.gmv_by_country += gmv.sum(axis=1)
-        self.gmv_by_platform += gmv.sum(axis=0)
-        self.orders_by_country += orders.sum(axis=1)
-        self.orders_by_platform += orders.sum(axis=0)
+        self.gmv_by_country[:n_countries] += gmv.sum(axis=1)
+        self.gmv_by_platform[:n_platforms] += gmv.sum(axis=0)
+        self.orders_by_country[:n_countries] += orders.sum(axis=1)
+        self.orders_by_platform[:n_platforms] += orders.sum(axis=0)
 
     def _note_crossings(self, batch: OrderBatch, before: np.ndarray, brands: np.ndarray) -> None:
         """Record the minute at which each of `brands` (each below the line before `batch`,
