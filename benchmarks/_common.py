@@ -168,7 +168,8 @@ class KernelArrays:
         np.add.at(self.gmv_by_brand, batch.brand, batch.amount_cents)
 
     def all_scatters(self, batch: OrderBatch) -> None:
-        """Kernel B: the numpy work of `AggregateState.apply`, no Python bookkeeping."""
+        """Kernel B: the plain numpy of the totals `AggregateState.apply` computes (as apply
+        did before its cache work), no Python bookkeeping."""
         amount = batch.amount_cents
         batch_gmv = int(amount.sum())
         np.add.at(self.gmv_by_brand, batch.brand, amount)
