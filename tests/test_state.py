@@ -605,3 +605,14 @@ def test_country_and_platform_totals_equal_a_plain_sum_for_any_cell_count_and_ba
         assert np.array_equal(getattr(state, f"orders_by_{name}"), orders)
     assert np.array_equal(state.orders_by_brand, np.bincount(brand, minlength=100))
     assert np.array_equal(state.brand_overseas, np.isin(np.arange(100), brand[country != 0]))
+
+
+def test_an_empty_batch_applies_as_nothing():
+    """A batch of no orders (only a direct caller can make one: decode rejects it) changes no
+    total, as before the country/platform cells were sized by the batch's ids."""
+    state = AggregateState(LIMITS)
+    empty = np.zeros(0, np.int64)
+    assert state.apply(OrderBatch("p", 0, 1, empty, empty.astype(np.uint32),
+                                  empty.astype(np.uint8), empty.astype(np.uint8)))
+    assert state.gmv_cents == state.orders == 0
+    assert not state.orders_by_country.any() and not state.gmv_by_platform.any()

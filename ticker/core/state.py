@@ -199,7 +199,8 @@ class AggregateState:
         checked id columns). A batch spans few of both (the festival's 12 x 3, whatever
         the limits allow): one scatter into its (country, platform) cells and their row
         and column sums, not two scatters each."""
-        n_countries, n_platforms = int(country.max()) + 1, int(platform.max()) + 1
+        n_countries = int(country.max(initial=0)) + 1  # (an empty batch: one of each)
+        n_platforms = int(platform.max(initial=0)) + 1
         n_cells = n_countries * n_platforms
         if n_cells > 4096:  # a batch of many countries and many platforms: each on its own
             for ids, size, gmv_by, orders_by in (
