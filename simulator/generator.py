@@ -4,24 +4,28 @@ A minute's amounts are drawn around the average order value (log-normal) and the
 and rounded so that they add up to the minute's GMV exactly, each at least one cent. The
 minute's first orders go to the brands whose debut falls in it, the rest by popularity.
 
-Strategy: the same orders, byte for byte, as the first generator drew, 6-11 times as fast
-(18-28M orders/s a core where it made 2.3-3.2M; `benchmarks/generator.py` runs both).
-A scenario and a seed fix the stream, recordings and tests pin it, and a faster sampler
-that drew other orders (alias tables, float32 normals) would have changed every figure
-derived from it for no gain the exact one cannot reach, so every draw is the same call on
-the rng, in the same order: `lognormal(n)`, `random(n - debuts)` for brands, `random(n)`
-for platforms (a bit generator's doubles do not depend on how a run of them is cut into
-calls, so the uniforms are drawn in chunks). What changed is what is done with them:
+Strategy: the same orders, byte for byte, as the first generator drew, 7-12 times as fast
+(`benchmarks/generator.py` runs both; docs/performance.md has the figures). A scenario and
+a seed fix the stream, recordings and tests pin it, and a faster sampler that drew other
+orders (alias tables, float32 normals) would have changed every figure derived from it for
+no gain the exact one cannot reach, so the bit generator gives the same outputs in the
+same order: `lognormal(n)`, then `random(n - debuts)` for brands and `random(n)` for
+platforms. Those two are taken as the 64-bit outputs `random` makes its doubles from,
+u = (raw >> 11) / 2**53 (`bit_generator.random_raw`, one call for both in a minute of up
+to 32,768 orders: outputs do not depend on how a run of them is cut into calls), so that
+buckets and platform steps are exact integer operations on them. What changed is what is
+done with the draws:
 
 - the exact split, largest remainder, was an O(n log n) stable argsort (110-210 ns an
   order); it is now a selection (`np.partition`) of the remainder at the cut and one pass
   that gives a cent to every order below it and to the first orders at it, in index
-  order, as the stable sort did: O(n), 5-7 ns an order;
-- brands come from a guide table before the binary search over the CDF (`catalog.py`);
-- platforms compare each uniform with the two inner steps of the cumulative mix, which is
+  order, as the stable sort did: O(n), 3-6 ns an order;
+- brands come from two guide tables before the binary search over the CDF (`catalog.py`);
+- platforms compare each draw with the two inner steps of the cumulative mix, which is
   what searching the three-step CDF returns;
-- the passes over each chunk of 32,768 orders run while its arrays are in the L2 cache,
-  and a busy minute's columns are written in place, not concatenated.
+- the passes over each chunk of 32,768 orders run while its arrays are in the L2 cache, a
+  busy minute's columns are written in place, not concatenated, and a minute of one chunk
+  takes about 45 numpy calls and as few arrays as the steps need.
 
 The log-normal draws are left as numpy makes them: its ziggurat normal and the C library's
 exp, about 14 ns an order, half of what a minute costs now. A vectorised exp would be
@@ -32,6 +36,7 @@ compete for the two cores with the broker and the aggregator that the orders go 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +51,10 @@ PLATFORM_MIX = np.array([0.90, 0.06, 0.04])  # Tmall/Taobao, AliExpress, Lazada
 _PLATFORM_CDF = PLATFORM_MIX.cumsum()
 _PLATFORM_CDF /= _PLATFORM_CDF[-1]
 assert _PLATFORM_CDF[-1] == 1.0
+# The same comparisons on the bit generator's outputs: u = (raw >> 11) / 2**53 is at least
+# a step c exactly when raw >> 11 is at least ceil(c x 2**53) (exact: a power of two), so
+# when raw is at least that << 11.
+_PLATFORM_RAW = [np.uint64(math.ceil(c * 2.0**53)) << np.uint64(11) for c in _PLATFORM_CDF[:-1]]
 CHUNK = 1 << 15  # orders per pass: 256 KiB a float64 column, inside the L2 cache
 
 
@@ -69,21 +78,33 @@ def generate_minute(catalog: Catalog, gmv_cents: int, n_orders: int, rng: np.ran
     if not 0 < n_orders <= gmv_cents:
         raise ValueError(f"n_orders={n_orders}: must be 1..gmv_cents ({gmv_cents})")
     debuts = np.empty(0, np.uint32) if debuts is None else debuts[:n_orders]
-    weights = rng.lognormal(0.0, 0.9, n_orders)  # finite and positive: valid weights
-    amount = split_cents(gmv_cents - n_orders, weights, plus=1)
-    brand = np.empty(n_orders, np.uint32)
-    country = np.empty(n_orders, np.uint8)
-    brand[:len(debuts)] = debuts
-    country[:len(debuts)] = catalog.country[debuts]
-    catalog.sample_into(rng, brand[len(debuts):], country[len(debuts):])
-    platform = np.empty(n_orders, np.uint8)
-    for start in range(0, n_orders, CHUNK):
-        u = rng.random(min(CHUNK, n_orders - start))
-        out = platform[start:start + len(u)]
-        np.greater_equal(u, _PLATFORM_CDF[0], out=out.view(np.bool_))
-        for step in _PLATFORM_CDF[1:-1]:
-            out += u >= step
+    n, d = n_orders, len(debuts)
+    weights = rng.lognormal(0.0, 0.9, n)  # finite and positive: valid weights
+    amount = split_cents(gmv_cents - n, weights, plus=1)
+    brand = np.empty(n, np.uint32)
+    country = np.empty(n, np.uint8)
+    platform = np.empty(n, np.uint8)
+    brand[:d] = debuts
+    np.take(catalog.country, debuts, out=country[:d])
+    draw = rng.bit_generator.random_raw
+    if n <= CHUNK:  # one call for the brands' uniforms and the platforms' that follow them
+        raw = draw(2 * n - d)
+        catalog.brands_of(raw[:n - d], brand[d:], country[d:])
+        _platforms(raw[n - d:], platform)
+    else:
+        catalog.sample_into(rng, brand[d:], country[d:])
+        for start in range(0, n, CHUNK):
+            raw = draw(min(CHUNK, n - start))
+            _platforms(raw, platform[start:start + len(raw)])
     return MinuteOrders(amount, brand, country, platform)
+
+
+def _platforms(raw: np.ndarray, out: np.ndarray) -> None:
+    """Each draw's platform (`raw`: the bit generator's outputs): how many of the inner
+    steps its uniform reaches."""
+    np.greater_equal(raw, _PLATFORM_RAW[0], out=out.view(np.bool_))
+    for step in _PLATFORM_RAW[1:]:
+        out += raw >= step
 
 
 def keep_freed_memory(limit: int = 1 << 30) -> bool:
@@ -111,13 +132,15 @@ def keep_freed_memory(limit: int = 1 << 30) -> bool:
 def split_cents(total: int, weights: np.ndarray, *, plus: int = 0) -> np.ndarray:
     """`curve.allocate_checked(total, weights) + plus`, the same int64 parts, in O(n).
 
-    `weights`: float64, finite, non-negative, positive sum; overwritten (with the shares).
+    `weights`: float64, finite, non-negative, positive sum; overwritten.
     Largest remainder as `allocate_checked` does it: floor every slightly shrunk share, then
     one more unit to the `rest` parts whose (part - share) is smallest, ties by index (its
     stable argsort). Here the cut value is found by selection, not a sort."""
     n = len(weights)
     share = weights
     share *= total * (1 - 2**-32) / weights.sum()  # the same product, in place
+    if n <= CHUNK:
+        return _split_small(total, share, plus)
     parts = np.empty(n, np.int64)
     gap = np.empty(n, np.float64)  # part - share, for the selection
     floors = 0
@@ -150,4 +173,27 @@ def split_cents(total: int, weights: np.ndarray, *, plus: int = 0) -> np.ndarray
         if len(at):
             ties.append(at + a)
     parts[np.concatenate(ties)[:rest - below]] += 1  # the cut itself is among the ties
+    return parts
+
+
+def _split_small(total: int, share: np.ndarray, plus: int) -> np.ndarray:
+    """split_cents of one chunk's shares: the same steps in fewer numpy calls and arrays
+    (the gaps overwrite the shares, one pass gives the cents)."""
+    n = len(share)
+    parts = share.astype(np.int64)  # truncation: the floor of a share >= 0
+    leftover = total - int(parts.sum())
+    assert leftover >= 0, "shrunk floors overshot the total"
+    whole, rest = divmod(leftover, n)
+    if whole:
+        parts += whole
+    gap = np.subtract(parts, share, out=share)  # part - share
+    if rest:
+        cut = np.partition(gap, rest - 1)[rest - 1]  # the rest-th smallest (part - share)
+        up = gap <= cut
+        more = int(np.count_nonzero(up)) - rest
+        if more:  # ties at the cut beyond the cents left: the last ones in index order get none
+            up[np.flatnonzero(gap == cut)[-more:]] = False
+        parts += up
+    if plus:
+        parts += plus
     return parts
