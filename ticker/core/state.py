@@ -156,8 +156,8 @@ class AggregateState:
         if self.gmv_cents + batch_gmv > MAX_TOTAL:
             raise BatchError("total_overflow", f"GMV would pass {MAX_TOTAL} cents")
         line = self.big_brand_cents
-        # The id columns as the platform's index type once: numpy casts uint32 and uint8
-        # indices to intp inside every gather and np.add.at, which made those 2-3x slower.
+        # The brand ids as the platform's index type once: numpy casts uint32 indices to
+        # intp inside every gather and np.add.at, which made those 2-3x slower.
         brand = batch.brand.astype(np.intp, copy=False)
         before = self.gmv_by_brand[brand]
         np.add.at(self.gmv_by_brand, brand, amount)
