@@ -31,6 +31,7 @@ from simulator.publisher import PublishReport, Replay, ScenarioSource, Source
 from simulator.recording import CHATBOT, ORDERS, RecordingError, RecordingSource, \
     RecordingWriter
 from simulator.scenario import Scenario, scenario_for_year
+from simulator.slicing import BULK_ORDERS
 
 from ticker.shell import checkpoint, metrics
 from ticker.shell.aggregator import Aggregator
@@ -48,6 +49,13 @@ from ticker.shell.server import TickerServer, raise_fd_limit
 from ticker.core.wire import Limits
 
 DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
+# Orders per batch at most, when --batch-orders is not given: small messages for a smooth
+# screen; at --speed max whole minutes go out at once, and fewer, bigger binary messages
+# halve the pipeline's CPU an order (the 2020 festival at order scale 1 took 125 s in
+# 500,000-order batches, 315 s in 10,000: docs/performance.md sections 6 and 7). JSON keeps
+# to what its 4 MiB limit holds (`Limits.max_json_bytes`).
+BATCH_ORDERS = 10_000
+MAX_SPEED_BATCH_ORDERS = 500_000
 
 
 async def run(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
@@ -73,6 +81,18 @@ def _scenario(name: str, args: argparse.Namespace) -> Scenario:
                              order_scale=getattr(args, "order_scale", 0.001))
 
 
+def batch_orders(args: argparse.Namespace) -> int:
+    """Orders per batch at most: `--batch-orders`, else the default for the speed and encoding."""
+    if args.batch_orders is None:
+        fast = args.speed is None and args.encoding == "binary"
+        return MAX_SPEED_BATCH_ORDERS if fast else BATCH_ORDERS
+    if args.encoding == "json" and args.batch_orders > BULK_ORDERS["json"]:
+        raise ConfigError(f"--batch-orders={args.batch_orders}: JSON batches of more than "
+                          f"{BULK_ORDERS['json']:,} orders can pass the aggregator's 4 MiB "
+                          "limit; use --encoding binary or fewer orders")
+    return args.batch_orders
+
+
 def _source(args: argparse.Namespace) -> tuple[Source, Scenario | None]:
     """The replay's source and, when it is a scenario, the scenario (for brand data)."""
     name = getattr(args, "source", None) or args.scenario
@@ -81,14 +101,14 @@ def _source(args: argparse.Namespace) -> tuple[Source, Scenario | None]:
             raise ConfigError(f"source={name}: no festival that year "
                               f"(have {festival_years()[0]}-{festival_years()[-1]})")
         scenario = _scenario(name, args)
-        return ScenarioSource(scenario, args.batch_orders), scenario
+        return ScenarioSource(scenario, batch_orders(args)), scenario
     path = Path(name)
     try:
         if path.suffix == ".csv":
             base = scenario_for_year(2020, seed=args.seed, order_scale=args.order_scale)
             scenario = dataclasses.replace(base, name=path.stem, curve=read_curve(path),
                                            big_brands=0, chatbot_queries=0, peak=None)
-            return ScenarioSource(scenario, args.batch_orders), scenario
+            return ScenarioSource(scenario, batch_orders(args)), scenario
         return RecordingSource(path), None
     except (CurveFileError, RecordingError) as exc:
         raise ConfigError(str(exc)) from None

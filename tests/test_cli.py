@@ -14,7 +14,8 @@ import urllib.request
 import orjson
 import pytest
 
-from gmv.cli import main
+from gmv.app import batch_orders
+from gmv.cli import build_parser, main
 
 from .conftest import free_port, wait_for_port
 
@@ -32,12 +33,27 @@ TOTAL = 7_410_000_000_000
     (["simulate", "--broker", "mqtt://h:99999"], "--broker=mqtt://h:99999: the port must be"),
     (["simulate", "--broker", "mqtt://h", "--scenario", "1999"], "invalid choice: '1999'"),
     (["bogus"], "invalid choice: 'bogus'"),
+    (["simulate", "--broker", "mqtt://127.0.0.1:1", "--encoding", "json", "--batch-orders",
+      "200000"], "--batch-orders=200000: JSON batches of more than 100,000 orders can pass"),
 ])
 def test_bad_setting_exits_2_with_one_line_naming_it(argv, message, capsys):
     """A bad option prints one `gmv: error:` line naming the setting, and no traceback."""
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("gmv: error: ") and message in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--speed", "max"], 500_000),
+    (["--speed", "1584"], 10_000),
+    (["--speed", "max", "--encoding", "json"], 10_000),
+    (["--speed", "max", "--batch-orders", "20000"], 20_000),
+])
+def test_batches_are_large_at_max_speed_unless_given_or_json(argv, expected):
+    """Without --batch-orders a binary replay at --speed max sends 500,000-order batches
+    (half the CPU an order of 10,000), otherwise 10,000; an explicit value always wins."""
+    args = build_parser().parse_args(["simulate", "--broker", "mqtt://127.0.0.1:1", *argv])
+    assert batch_orders(args) == expected
 
 
 def test_unreachable_broker_exits_1_with_the_url(capsys):
