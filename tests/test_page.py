@@ -217,7 +217,7 @@ async def test_at_real_time_the_counter_runs_between_the_replays_slices(page):
 
 async def test_the_replay_badge_tells_playing_paused_seeking_and_done(mosquitto, topics, page):
     """The REPLAY badge reads what the replay says: "▶ 1584×", "▶ max", "▶ 0.004×" (not
-    "▶ 0×", as at any speed under 0.005), "❚❚ paused",
+    "▶ 0×", as at any speed under 0.005), "▶ 1e+300×" (not "▶ Infinity×"), "❚❚ paused",
     "⏩ seeking", "■ done", and is hidden when there is no replay status."""
     async with parts(mosquitto, topics) as (url, _):
         async with ReliablePublisher(mosquitto) as publisher:
@@ -231,6 +231,9 @@ async def test_the_replay_badge_tells_playing_paused_seeking_and_done(mosquitto,
                                        ("playing", None, r"▶\s*max"),
                                        # slower than real time: not "0×" (a stall)
                                        ("playing", 0.004, r"▶\s*0\.004×"),
+                                       # huge but valid: not "Infinity×"
+                                       ("playing", 2.6e7, r"▶\s*2\.6e\+7×"),
+                                       ("playing", 1e300, r"▶\s*1e\+300×"),
                                        ("paused", 1584, r"❚❚\s*paused"),
                                        ("seeking", 1584, r"seeking"),
                                        ("done", 1584, r"■\s*done")]:

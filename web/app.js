@@ -212,9 +212,10 @@ function shortLabel(label) {
 }
 
 // 1584 -> "1584×", 0.5 -> "0.5×", 0.004 -> "0.004×" (two significant digits under 1, never
-// "0×"), null / "max" (as fast as it goes) -> "max"
+// "0×"), 26,000,000 -> "2.6e+7×" (never "Infinity×"), null / "max" (as fast as it goes) -> "max"
 function formatSpeed(speed) {
   if (typeof speed !== 'number' || !Number.isFinite(speed) || speed <= 0) return 'max';
+  if (speed >= 1e6) return `${Number(speed.toPrecision(2)).toExponential()}×`;
   return `${speed >= 1 ? Math.round(speed * 100) / 100 : Number(speed.toPrecision(2))}×`;
 }
 
