@@ -13,8 +13,8 @@ What runs, each its own process, all on 127.0.0.1:
 * `gmv serve`, and one websocket viewer in this process that applies the snapshot and the
   updates as the page does;
 * `gmv simulate --scenario 2020 --order-scale 1 --speed max` (2,318,536,430 orders), with
-  flow control (its default window) and its verdict, in its default batches (500,000
-  orders at --speed max) or `--batch-orders` (10,000 makes 14 times the messages, and the
+  flow control (its default window) and its verdict, in its default batches (100,000
+  orders at --speed max) or `--batch-orders` (10,000 makes 7 times the messages, and the
   aggregator's cost per message is the limit there; issue 11 item 4).
 
 The clock runs from the start of `gmv simulate` until the viewer's totals show the last

@@ -50,12 +50,14 @@ from ticker.core.wire import Limits
 
 DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
 # Orders per batch at most, when --batch-orders is not given: small messages for a smooth
-# screen; at --speed max whole minutes go out at once, and fewer, bigger binary messages
-# halve the pipeline's CPU an order (the 2020 festival at order scale 1 took 125 s in
-# 500,000-order batches, 315 s in 10,000: docs/performance.md sections 6 and 7). JSON keeps
-# to what its 4 MiB limit holds (`Limits.max_json_bytes`).
+# screen; at --speed max whole minutes go out at once, and bigger binary messages cut the
+# pipeline's CPU an order (the 2020 festival at order scale 1: 365 CPU s in 10,000-order
+# batches, 293 in 100,000, 243 in 500,000; docs/performance.md sections 6 and 7). 100,000
+# (1.4 MB) keeps the replay's window of 200 messages under the 512 MiB a client that
+# deploy/mosquitto.conf queues; bigger batches need a broker that queues more. JSON keeps
+# to 10,000: its payloads are bounded by `Limits.max_json_bytes`.
 BATCH_ORDERS = 10_000
-MAX_SPEED_BATCH_ORDERS = 500_000
+MAX_SPEED_BATCH_ORDERS = 100_000
 
 
 async def run(args: argparse.Namespace, broker: BrokerSettings | None) -> int:

@@ -130,8 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--order-scale", type=_positive(float, 1.0), default=0.001,
                        help="fraction of the real order count (default 0.001)")
         p.add_argument("--batch-orders", type=_positive(int, 1_000_000), default=None,
-                       help=f"orders per batch at most (default {app.BATCH_ORDERS}; "
-                            f"{app.MAX_SPEED_BATCH_ORDERS} for binary at --speed max)")
+                       help=f"orders per batch at most (default {app.BATCH_ORDERS:,}; "
+                            f"{app.MAX_SPEED_BATCH_ORDERS:,} for binary at --speed max)")
         p.add_argument("--encoding", choices=("binary", "json"), default="binary")
         p.add_argument("--producer", type=_producer, default=None,
                        help="producer id (default: the --username, else sim-RANDOM)")
