@@ -52,8 +52,8 @@ DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many mi
 # Orders per batch at most, when --batch-orders is not given: small messages for a smooth
 # screen; at --speed max whole minutes go out at once, and bigger binary messages cut the
 # pipeline's CPU an order (the 2020 festival at order scale 1: 365 CPU s in 10,000-order
-# batches, 293 in 100,000, 243 in 500,000; docs/performance.md sections 6 and 7). 100,000
-# (1.4 MB) keeps the replay's window of 200 messages under the 512 MiB a client that
+# batches; 100,000 took 6% less than 500,000 in the same hour; docs/performance.md section
+# 7). 100,000 (1.4 MB) keeps the replay's window of 200 messages under the 512 MiB a client that
 # deploy/mosquitto.conf queues; bigger batches need a broker that queues more. JSON keeps
 # to 10,000: its payloads are bounded by `Limits.max_json_bytes`.
 BATCH_ORDERS = 10_000
