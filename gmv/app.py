@@ -21,6 +21,7 @@ import uuid
 from contextlib import AsyncExitStack
 from pathlib import Path
 
+import aiomqtt
 import numpy as np
 import orjson
 
@@ -366,16 +367,21 @@ async def record(args: argparse.Namespace, broker: BrokerSettings) -> int:
             print(f"recording {topics.prefix} from {broker.url} into {args.file}",
                   file=sys.stderr, flush=True)
             messages = aiter(client.messages)
+            heard = False  # idle time counts from the first message: the producer may start later
             while True:
                 try:
-                    async with asyncio.timeout(args.idle_exit):
+                    async with asyncio.timeout(args.idle_exit if heard else None):
                         message = await anext(messages)
                 except TimeoutError:
                     break
+                heard = True
                 name, levels = topics.kind(message.topic.value)
                 writer.write(CHATBOT if name == "chatbot" else ORDERS,
                              message.payload if isinstance(message.payload, bytes) else b"",
                              (partition_level(levels[1]) if levels[1:] else None) or 0)
+    except aiomqtt.MqttError as exc:  # the broker went away: what came before is kept
+        raise ConnectionError(f"lost the MQTT broker at {broker.url} ({exc}); {args.file} "
+                              "holds what was recorded until then") from None
     finally:
         file.close()
         print(f"recorded {writer.messages:,} messages, {writer.orders:,} orders, "

@@ -187,7 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     broker(record, required=True)
     scenario(record, "whose window the stream belongs to")
     record.add_argument("--idle-exit", type=_positive(float), metavar="S",
-                        help="stop after S seconds without a message (default: run until ^C)")
+                        help="stop after S seconds without a message, counted from the first "
+                             "(default: run until ^C)")
 
     ctl = commands.add_parser("control", help="pause, resume, seek or set the speed of a replay")
     ctl.add_argument("cmd", choices=("pause", "resume", "speed", "seek"))

@@ -22,7 +22,7 @@ from simulator.recording import CHATBOT, ORDERS, RecordingWriter
 from simulator.scenario import scenario_for_year
 from ticker.core.control import Command, sign
 from ticker.shell.mqtt import ReliablePublisher, watch
-from ticker.core.wire import ChatbotCount, encode, encode_chatbot
+from ticker.core.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
 from .conftest import running_pipeline
 from .test_cli import get_totals, wait_totals
@@ -137,6 +137,46 @@ def test_bad_from_names_the_option(text, message, capsys):
                  "--from", text]) == 2
     err = capsys.readouterr().err
     assert err.startswith("gmv: error: --from: ") and message in err
+
+
+async def test_record_waits_for_the_first_message_before_idle_exit_counts(
+        mosquitto, topics, tmp_path):
+    """`gmv record --idle-exit 1` started before its producer keeps waiting, records the batch
+    that comes 3 s later, then exits by itself once idle."""
+    recording = tmp_path / "late.gmvrec"
+    recorder = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gmv.cli", "record", str(recording), "--broker", mosquitto.url,
+        "--prefix", topics.prefix, "--idle-exit", "1", stdout=subprocess.PIPE)
+    await asyncio.sleep(3)
+    assert recorder.returncode is None, "exited before any producer started"
+    amounts = np.array([123_45, 67_89], np.int64)
+    late = OrderBatch("late", 0, 14400, amounts, np.arange(2, dtype=np.uint32),
+                      np.zeros(2, np.uint8), np.zeros(2, np.uint8))
+    async with ReliablePublisher(mosquitto) as publisher:
+        await publisher.send(topics.orders("late"), encode(late))
+        await publisher.flush()
+    out, _ = await asyncio.wait_for(recorder.communicate(), 30)
+    assert recorder.returncode == 0
+    assert "recorded 1 messages, 2 orders" in out.decode() and "(19134 cents)" in out.decode()
+
+
+def test_record_whose_broker_goes_away_exits_1_with_one_line_and_keeps_the_file(
+        topics, tmp_path):
+    """The broker stopping under `gmv record` is one `gmv: error:` line naming it (no
+    traceback), exit 1, with the count of what was recorded."""
+    from .brokers import mosquitto_process
+    with mosquitto_process(tmp_path / "broker") as broker:
+        recorder = subprocess.Popen(
+            [sys.executable, "-m", "gmv.cli", "record", str(tmp_path / "cut.gmvrec"),
+             "--broker", broker.url, "--prefix", topics.prefix],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert "recording" in recorder.stderr.readline()
+        broker.stop()
+        out, err = recorder.communicate(timeout=30)
+    assert recorder.returncode == 1
+    assert "Traceback" not in err and err.count("gmv: error: ") == 1
+    assert f"gmv: error: lost the MQTT broker at {broker.url}" in err
+    assert "recorded 0 messages" in out
 
 
 def test_record_then_replay_the_file_gives_the_same_totals(mosquitto, topics, tmp_path):
