@@ -50,13 +50,10 @@ from ticker.shell.server import TickerServer, raise_fd_limit
 from ticker.core.wire import Limits
 
 DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
-# Orders per batch at most, when --batch-orders is not given: small messages for a smooth
-# screen; at --speed max whole minutes go out at once, and bigger binary messages cut the
-# pipeline's CPU an order (the 2020 festival at order scale 1: 365 CPU s in 10,000-order
-# batches; 100,000 took 6% less than 500,000 in the same hour; docs/performance.md section
-# 7). 100,000 (1.4 MB) keeps the replay's window of 200 messages under the 512 MiB a client that
-# deploy/mosquitto.conf queues; bigger batches need a broker that queues more. JSON keeps
-# to 10,000: its payloads are bounded by `Limits.max_json_bytes`.
+# Orders per batch at most without --batch-orders: small messages for a smooth screen, and
+# at --speed max (binary) big ones, as the aggregator's cost is per message (the festival at
+# order scale 1, docs/performance.md section 7). 100,000 (1.4 MB): the replay's window of 200
+# stays under the 512 MiB deploy/mosquitto.conf queues a client, and 500,000 was no faster.
 BATCH_ORDERS = 10_000
 MAX_SPEED_BATCH_ORDERS = 100_000
 
