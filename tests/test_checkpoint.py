@@ -265,6 +265,29 @@ def test_an_unreadable_checkpoint_is_refused_by_load_and_prepare(tmp_path):
     assert printed == f"--checkpoint={path}: cannot read it: Permission denied\n" * 2
 
 
+def test_each_save_rewrites_the_previous_checkpoints_file_in_place(tmp_path):
+    """From the second save on, the new checkpoint is written into the file of the one
+    before it (kept as `.agg.ckpt.spare` by a hard link), not into a new file; every save
+    loads as itself, and a `.kept` link left by a crash between the renames is cleared."""
+    path, spare = tmp_path / "agg.ckpt", tmp_path / ".agg.ckpt.spare"
+    states = [AggregateState(LIMITS) for _ in range(4)]
+    for n, state in enumerate(states):
+        state.apply(batch(0, 0, [100 * (n + 1)], [n]))
+    checkpoint.save(path, checkpoint.export(states[0]))
+    assert [p.name for p in tmp_path.iterdir()] == ["agg.ckpt"]
+    files = [path.stat().st_ino]
+    for state in states[1:]:
+        checkpoint.save(path, checkpoint.export(state))
+        assert spare.stat().st_ino == files[-1]  # the replaced one's file, the next spare
+        files.append(path.stat().st_ino)
+        assert checkpoint.load(path, LIMITS).gmv_cents == state.gmv_cents
+    assert files[2] == files[0] and files[3] == files[1]  # two files, taking turns
+    os.link(spare, tmp_path / ".agg.ckpt.kept")
+    checkpoint.save(path, checkpoint.export(states[0]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".agg.ckpt.spare", "agg.ckpt"]
+    assert checkpoint.load(path, LIMITS).gmv_cents == 100
+
+
 def test_prepare_accepts_a_new_or_existing_checkpoint_and_leaves_nothing(tmp_path):
     """A writable directory passes, with or without a checkpoint, and no probe file stays."""
     checkpoint.prepare(tmp_path / "agg.ckpt")
