@@ -8,9 +8,9 @@ vouch for. Hence:
   renames it over the old checkpoint and fsyncs the directory: a crash at any moment
   leaves the old or the new checkpoint, never a torn one. The old one's file, kept by a
   hard link, is the next spare (`.NAME.spare`): rewriting pages the file system already
-  holds took 2.6 ms for the 4.5 MB festival state where a new file took 8-10 ms, and an
-  aggregator of small batches checkpoints every 16 of them (`/tmp/ck.py`-style figures in
-  docs/performance.md). Where hard links are refused, each save writes a new spare. Any
+  holds is several times faster than filling a new file, and an aggregator of small
+  batches saves every 16 of them (`benchmarks/checkpoint_save.py`, docs/performance.md
+  section 4). Where hard links are refused, each save writes a new spare. Any
   OS error (a full disk, a read-only mount) raises `ConfigError` with the OS's reason and
   removes the spare; only a failed fsync of the directory comes after the rename, and it
   raises too, so nothing unsure is acknowledged.
