@@ -288,6 +288,19 @@ def test_each_save_rewrites_the_previous_checkpoints_file_in_place(tmp_path):
     assert checkpoint.load(path, LIMITS).gmv_cents == 100
 
 
+def test_saves_through_a_symlinked_checkpoint_never_write_into_its_target(tmp_path):
+    """A checkpoint path that is a symlink is replaced by the first save, as a rename does;
+    the file it pointed to is never rewritten as a spare."""
+    target, path = tmp_path / "elsewhere.ckpt", tmp_path / "agg.ckpt"
+    checkpoint.save(target, checkpoint.export(filled_state()))
+    before = target.read_bytes()
+    path.symlink_to(target)
+    for _ in range(3):
+        checkpoint.save(path, checkpoint.export(AggregateState(LIMITS)))
+    assert target.read_bytes() == before and not path.is_symlink()
+    assert checkpoint.load(path, LIMITS).gmv_cents == 0
+
+
 def test_prepare_accepts_a_new_or_existing_checkpoint_and_leaves_nothing(tmp_path):
     """A writable directory passes, with or without a checkpoint, and no probe file stays."""
     checkpoint.prepare(tmp_path / "agg.ckpt")

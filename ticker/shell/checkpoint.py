@@ -96,12 +96,14 @@ def save(path: Path, data: bytes) -> None:
         try:
             _write_synced(spare, data)
             kept.unlink(missing_ok=True)  # left by a crash between the renames below
-            try:
-                os.link(path, kept)  # the checkpoint being replaced: the next spare
+            try:  # the checkpoint being replaced is the next spare (not a symlink's target)
+                os.link(path, kept, follow_symlinks=False)
             except FileNotFoundError:
                 pass  # the first checkpoint
             except OSError:
                 pass  # no hard links on this file system: the next spare is a new file
+            if kept.is_symlink():
+                kept.unlink()
             os.replace(spare, path)
             if kept.exists():
                 os.replace(kept, spare)
