@@ -98,10 +98,8 @@ def save(path: Path, data: bytes) -> None:
             kept.unlink(missing_ok=True)  # left by a crash between the renames below
             try:  # the checkpoint being replaced is the next spare (not a symlink's target)
                 os.link(path, kept, follow_symlinks=False)
-            except FileNotFoundError:
-                pass  # the first checkpoint
-            except OSError:
-                pass  # no hard links on this file system: the next spare is a new file
+            except OSError:  # the first checkpoint, or no hard links: a new spare next time
+                pass
             if kept.is_symlink():
                 kept.unlink()
             os.replace(spare, path)
