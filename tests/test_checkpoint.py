@@ -301,6 +301,18 @@ def test_saves_through_a_symlinked_checkpoint_never_write_into_its_target(tmp_pa
     assert checkpoint.load(path, LIMITS).gmv_cents == 0
 
 
+def test_a_hard_link_to_an_old_checkpoint_keeps_what_it_held(tmp_path):
+    """A checkpoint someone has hard-linked (`ln agg.ckpt backup`) is not rewritten as the
+    spare: the other name keeps that checkpoint's bytes through later saves."""
+    path = saved(tmp_path)
+    before = path.read_bytes()
+    os.link(path, tmp_path / "backup")
+    for _ in range(3):
+        checkpoint.save(path, checkpoint.export(AggregateState(LIMITS)))
+    assert (tmp_path / "backup").read_bytes() == before
+    assert checkpoint.load(path, LIMITS).gmv_cents == 0
+
+
 def test_prepare_accepts_a_new_or_existing_checkpoint_and_leaves_nothing(tmp_path):
     """A writable directory passes, with or without a checkpoint, and no probe file stays."""
     checkpoint.prepare(tmp_path / "agg.ckpt")

@@ -10,7 +10,8 @@ vouch for. Hence:
   hard link, is the next spare (`.NAME.spare`): rewriting pages the file system already
   holds is several times faster than filling a new file, and an aggregator of small
   batches saves every 16 of them (`benchmarks/checkpoint_save.py`, docs/performance.md
-  section 4). Where hard links are refused, each save writes a new spare. Any
+  section 4). A checkpoint that has another name (a symlink, a hard link) is never
+  rewritten, and where hard links are refused each save writes a new spare. Any
   OS error (a full disk, a read-only mount) raises `ConfigError` with the OS's reason and
   removes the spare; only a failed fsync of the directory comes after the rename, and it
   raises too, so nothing unsure is acknowledged.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -93,23 +95,22 @@ def save(path: Path, data: bytes) -> None:
     spare = path.with_name(f".{path.name}.spare")
     kept = path.with_name(f".{path.name}.kept")
     with _os_errors(path, "cannot save"):
+        kept.unlink(missing_ok=True)  # left by a crash before it became the spare
+        with suppress(OSError):  # none yet, or no hard links here: a new spare next time
+            if _sole_name_of_a_file(path):  # never rewrite a file that others name
+                os.link(path, kept)  # the checkpoint being replaced: the next spare
         try:
-            _write_synced(spare, data)
-            kept.unlink(missing_ok=True)  # left by a crash between the renames below
-            try:  # the checkpoint being replaced is the next spare (not a symlink's target)
-                os.link(path, kept, follow_symlinks=False)
-            except OSError:  # the first checkpoint, or no hard links: a new spare next time
-                pass
-            if kept.is_symlink():
-                kept.unlink()
-            os.replace(spare, path)
+            _write_atomically(path, data, through=spare)
             if kept.exists():
                 os.replace(kept, spare)
-        except BaseException:
-            spare.unlink(missing_ok=True)
+        finally:
             kept.unlink(missing_ok=True)
-            raise
-        _fsync_directory(path.parent)
+
+
+def _sole_name_of_a_file(path: Path) -> bool:
+    """`path` is a regular file (not a symlink) with no other hard link."""
+    st = os.lstat(path)
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
 
 
 def load(path: Path, limits: Limits, first_time: np.ndarray | None = None, *,
@@ -199,30 +200,25 @@ def _os_errors(path: Path, doing: str) -> Iterator[None]:
         raise ConfigError(f"--checkpoint={path}: {doing}: {exc.strerror or exc}") from None
 
 
-def _write_synced(path: Path, data: bytes) -> None:
-    """`path` holds `data` on disk: written over whatever it held (created 0600 if new)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    with os.fdopen(fd, "wb") as file:
-        file.write(data)
-        file.truncate()
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
+def _write_atomically(path: Path, data: bytes, through: Path | None = None) -> None:
+    """Write `data` into `through` (over whatever it held; by default a new temp file beside
+    `path`), fsync it, rename it over `path` and fsync the directory; on failure remove it."""
+    if through is None:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        through = Path(name)
+    else:
+        fd = os.open(through, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        _write_synced(Path(tmp), data)
-        os.replace(tmp, path)
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.truncate()
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(through, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        through.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # the rename itself is durable only once the directory is
     finally:
