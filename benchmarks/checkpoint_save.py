@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def save_ms(directory: Path) -> dict[str, float]:
-    data = checkpoint.export(AggregateState(festival_limits()))
-    path = directory / "agg.ckpt"
+    state = AggregateState(festival_limits())
+    data, path = checkpoint.export(state), directory / "agg.ckpt"
 
     def timed(step) -> float:
         times = []
@@ -50,7 +50,6 @@ def save_ms(directory: Path) -> dict[str, float]:
             times.append(time.perf_counter() - start)
         return median(times) * 1000
 
-    state = AggregateState(festival_limits())
     return {"save_in_place": timed(lambda: checkpoint.save(path, data)),
             "save_new_file": timed(lambda: checkpoint._write_atomically(path, data)),
             "export": timed(lambda: checkpoint.export(state)), "bytes": len(data)}
