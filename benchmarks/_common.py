@@ -265,14 +265,16 @@ set_tcp_nodelay true
 
 
 @contextlib.contextmanager
-def own_mosquitto() -> Iterator[tuple[int, subprocess.Popen]]:
-    """A Mosquitto of our own on a free port of 127.0.0.1; yields (port, process)."""
+def own_mosquitto(stock: bool = False) -> Iterator[tuple[int, subprocess.Popen]]:
+    """A Mosquitto of our own on a free port of 127.0.0.1; yields (port, process). `stock`:
+    as users start it, `mosquitto -p PORT` with no configuration (loopback only, 1,000
+    queued messages and 20 in flight a client), instead of MOSQUITTO_BENCH_CONF."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gmv-bench-mosq-") as tmp:
         conf = Path(tmp) / "mosquitto.conf"
         conf.write_text(MOSQUITTO_BENCH_CONF.format(port=port))
-        proc = subprocess.Popen([MOSQUITTO, "-c", str(conf)], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE)
+        argv = [MOSQUITTO, "-p", str(port)] if stock else [MOSQUITTO, "-c", str(conf)]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
             wait_for_port(port)
             yield port, proc

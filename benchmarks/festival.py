@@ -1,15 +1,17 @@
 """The whole 2020 festival at its real size, end to end, as fast as it goes.
 
-    .venv/bin/python benchmarks/festival.py [--batch-orders N] [--max-unacked 64]
+    .venv/bin/python benchmarks/festival.py [--batch-orders N] [--max-unacked 64] [--stock]
                                             [--to 'MM-DD HH:MM'] [--timeout 600] [--json PATH]
 
 What runs, each its own process, all on 127.0.0.1:
 
 * a Mosquitto of our own on a free port, with its own configuration in a temporary directory
   (benchmarks/_common.py: unlimited queue and in-flight window, no persistence, no log);
-  the machine's broker on port 1883 is never touched;
+  the machine's broker on port 1883 is never touched; with `--stock`, started as users
+  start it, `mosquitto -p PORT` (1,000 queued messages and 20 in flight a client);
 * `gmv aggregate` with its checkpoint on (in the temporary directory): written every second
-  and whenever `--max-unacked` batches (default 64 here, 16 in `gmv aggregate`) await one;
+  and whenever `--max-unacked` batches (default 64 here, 16 in `gmv aggregate`, which
+  `--stock` keeps unless told) await one;
 * `gmv serve`, and one websocket viewer in this process that applies the snapshot and the
   updates as the page does;
 * `gmv simulate --scenario 2020 --order-scale 1 --speed max` (2,318,536,430 orders), with
@@ -94,15 +96,16 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 
 async def festival(args: argparse.Namespace) -> dict:
     prefix = f"bench/festival-{os.getpid()}"
-    with own_mosquitto() as (mqtt_port, mosquitto), \
+    with own_mosquitto(args.stock) as (mqtt_port, mosquitto), \
             tempfile.TemporaryDirectory(prefix="gmv-festival-") as tmp:
         broker = ["--broker", f"mqtt://127.0.0.1:{mqtt_port}", "--prefix", prefix]
         http_port = free_port()
         procs: dict[str, subprocess.Popen] = {}
         try:
+            max_unacked = args.max_unacked or (None if args.stock else 64)
             procs["aggregate"] = subprocess.Popen(
                 GMV + ["aggregate", *broker, "--checkpoint", str(Path(tmp) / "shard.ckpt"),
-                       "--max-unacked", str(args.max_unacked)])
+                       *(["--max-unacked", str(max_unacked)] if max_unacked else [])])
             procs["serve"] = subprocess.Popen(GMV + ["serve", *broker, "--port", str(http_port)])
             wait_for_port(http_port, 20)
             viewer = Viewer(http_port)
@@ -177,8 +180,11 @@ async def festival(args: argparse.Namespace) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch-orders", type=int, help="default: gmv simulate's")
-    parser.add_argument("--max-unacked", type=int, default=64,
-                        help="gmv aggregate --max-unacked: batches between checkpoints at most")
+    parser.add_argument("--max-unacked", type=int,
+                        help="gmv aggregate --max-unacked: batches between checkpoints at most "
+                             "(default 64, or gmv aggregate's own with --stock)")
+    parser.add_argument("--stock", action="store_true",
+                        help="a stock Mosquitto (mosquitto -p PORT) and gmv aggregate's defaults")
     parser.add_argument("--to", help="stop at this minute ('MM-DD HH:MM'), for a shorter run")
     parser.add_argument("--timeout", type=float, default=600.0)
     parser.add_argument("--json", metavar="PATH", default=None)
