@@ -47,7 +47,7 @@ from gmv.reference import demo_reference
 from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, ask, connect, \
     watch_control, watch_totals
 from ticker.shell.server import TickerServer, raise_fd_limit
-from ticker.core.wire import Limits
+from ticker.core.wire import MAX_ORDER_CENTS, Limits
 
 DEMO_MINUTES = 10  # 'auto' speed replays the whole window in about this many minutes
 # Orders per batch at most without --batch-orders: small messages for a smooth screen, and
@@ -150,14 +150,14 @@ def _limits(window: Window, reference: Reference | None = None,
     if reference is None:
         return Limits(n_brands=brands or DEFAULT_BRANDS, n_minutes=window.minutes,
                       n_countries=DEFAULT_COUNTRIES, n_platforms=DEFAULT_PLATFORMS,
-                      max_order_cents=10**10)
+                      max_order_cents=MAX_ORDER_CENTS)
     dims = reference.dimensions
     if brands is not None and brands != dims.n_brands:
         raise ConfigError(f"--brands={brands}: the reference file declares "
                           f"{dims.n_brands:,} brands (leave --brands out)")
     return Limits(n_brands=dims.n_brands, n_minutes=window.minutes,
                   n_countries=len(dims.countries), n_platforms=len(dims.platforms),
-                  max_order_cents=10**10)
+                  max_order_cents=MAX_ORDER_CENTS)
 
 
 def _reference(args: argparse.Namespace) -> Reference | None:

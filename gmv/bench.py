@@ -46,7 +46,7 @@ from simulator.scenario import scenario_for_year
 
 from ticker.core.errors import ConfigError
 from ticker.core.partitions import split
-from ticker.core.wire import encode
+from ticker.core.wire import MAX_ORDER_CENTS, encode
 from ticker.shell.mqtt import BrokerSettings, ReliablePublisher, Topics, connect, watch_totals
 
 BUSY_MINUTE = 15_120  # Nov 11 12:00: hundreds of thousands of orders at order scale 1
@@ -270,6 +270,14 @@ def _festival_schedule(args: argparse.Namespace, seconds: int, total: int) \
         scenario = scenario_for_year(year, order_scale=scale)
         rates = np.full(seconds, float(args.rate))
         plan = festival_plan(scenario, args.batch_orders, total)
+    if over := scenario.order_over(MAX_ORDER_CENTS):  # the bench's aggregators would refuse it
+        cents = over[1]
+        raise ConfigError(
+            f"at order scale {scale:g} the {year} festival has an order of "
+            f"${cents // 100:,}.{cents % 100:02d}, more than the aggregator takes "
+            f"(${MAX_ORDER_CENTS // 100:,} an order): use --order-scale "
+            f"{scenario.order_scale_for(MAX_ORDER_CENTS):g} or more"
+            + (", or a higher --rate" if args.order_scale is None else ""))
     due = due_times(rates, plan.orders_before)
     batches = np.arange(len(due))
     orders = int((plan.stop - plan.start)[:len(due)].sum())

@@ -96,13 +96,36 @@ def usd(cents: int) -> str:
     return f"{sign}${cents // 100:,}.{cents % 100:02d}"
 
 
+ACCEPTS = ("brands", "minutes", "countries", "platforms", "max_batch_orders", "max_order_cents")
+
+
+def misfit(accepts: dict[str, int], needs: dict[str, int]) -> str | None:
+    """Why a shard that accepts `accepts` would refuse messages that need `needs` (the keys
+    of ACCEPTS, or some: ids below each count, the largest batch and order), or None."""
+    why = {"brands": "brand ids below {:,}; the shard takes ids below {:,} (its --brands "
+                     "or --reference)",
+           "minutes": "a window of {:,} minutes; the shard's has {:,} (its --scenario)",
+           "countries": "country ids below {}; the shard takes ids below {} (its --reference)",
+           "platforms": "platform ids below {}; the shard takes ids below {} (its --reference)",
+           "max_batch_orders": "batches of {:,} orders; the shard takes at most {:,}"}
+    for key, need in needs.items():
+        if need > accepts[key]:
+            if key == "max_order_cents":
+                return f"an order of {usd(need)}; the shard takes at most {usd(accepts[key])}"
+            return why[key].format(need, accepts[key])
+    return None
+
+
 @dataclass(frozen=True)
 class ShardLayout:
-    """What a shard's live totals say of it: its state id and which partitions it owns."""
+    """What a shard's live totals say of it: its state id, which partitions it owns and the
+    ranges it accepts (`ACCEPTS`: ids below each count, at most so many orders a batch and
+    cents an order)."""
 
     state: str | None
     partitions: int | None  # None: a shard from before partitions, which takes every batch
     owned: frozenset[int] | None
+    accepts: dict[str, int] | None = None  # None: a shard that does not say
 
     @classmethod
     def parse(cls, totals: bytes) -> ShardLayout:
@@ -117,8 +140,14 @@ class ShardLayout:
                 or not isinstance(owned, list) or len(owned) > partitions \
                 or any(type(q) is not int or not 0 <= q < partitions for q in owned):
             partitions, owned = None, None
+        accepts = doc.get("accepts")
+        if not isinstance(accepts, dict) or any(
+                type(accepts.get(k)) is not int or not 0 < accepts[k] <= MAX_TOTAL
+                for k in ACCEPTS):
+            accepts = None
         return cls(state if isinstance(state, str) else None, partitions,
-                   None if owned is None else frozenset(owned))
+                   None if owned is None else frozenset(owned),
+                   None if accepts is None else {k: accepts[k] for k in ACCEPTS})
 
     def owns(self, partition: int) -> bool:
         return self.owned is None or partition in self.owned
@@ -194,6 +223,11 @@ class AckWindow:
     def _owns(self, shard: str, partition: int) -> bool:
         layout = self.layout.get(shard)
         return layout is None or layout.owns(partition)
+
+    def accepts(self, now: float) -> dict[str, dict[str, int]]:
+        """Each running shard's accepted ranges, for those that say them."""
+        return {s: a for s in self.running(now)
+                if (a := self.layout[s].accepts if s in self.layout else None) is not None}
 
     def layouts(self, now: float) -> dict[str, int]:
         """Each running shard's partition count, for those that say it."""
@@ -331,6 +365,10 @@ class FlowControl:
             f"{self.acks.partitions} (start `gmv aggregate --shard K/N`)"))
         self.acks.begin()
         return self.acks.start_seqs
+
+    def accepts(self) -> dict[str, dict[str, int]]:
+        """What each running shard accepts, for those that say (`AckWindow.accepts`)."""
+        return self.acks.accepts(self._now())
 
     def _partitions(self) -> int:
         """The partition count to split into: ours, which every running shard must share,

@@ -36,12 +36,13 @@ from ticker.core.control import Answer, Command, ControlError, FailureLimiter, V
     minute_of, nonce_of, sign, sign_answer
 from ticker.core.logthrottle import LogThrottle
 from ticker.core.dimensions import Window
+from ticker.core.errors import ConfigError
 from ticker.shell.mqtt import ReliablePublisher, Topics
 from ticker.core.partitions import split
 from ticker.core.wire import ChatbotCount, OrderBatch, encode, encode_chatbot
 
-from .flow import FlowControl, ShardForgot, Verdict
-from .generator import keep_freed_memory
+from .flow import FlowControl, ShardForgot, Verdict, misfit
+from .generator import PLATFORM_MIX, keep_freed_memory
 from .playback import PlaybackClock
 from .scenario import Scenario
 from .slicing import BULK_ORDERS, Bulk, slice_bounds, slices_per_minute
@@ -65,6 +66,10 @@ class Source(Protocol):
         """The same messages cut into `k` slices of the minute (slice j goes out when the
         clock reaches minute + (j + 1) / k); one slice is `messages(minute)`."""
 
+    def misfit(self, accepts: dict[str, int]) -> str | None:
+        """Why a shard that accepts `accepts` (`flow.ACCEPTS`) would refuse some of these
+        messages, or None."""
+
 
 @dataclass
 class ScenarioSource:
@@ -84,6 +89,20 @@ class ScenarioSource:
 
     def messages(self, minute: int) -> list[Message]:
         return [message for part in self.slices(minute, 1) for message in part]
+
+    def misfit(self, accepts: dict[str, int]) -> str | None:
+        scenario = self.scenario
+        why = misfit(accepts, {"brands": scenario.n_brands, "minutes": self.window.minutes,
+                               "countries": int(scenario.catalog.country.max()) + 1,
+                               "platforms": len(PLATFORM_MIX),
+                               "max_batch_orders": self.batch_orders})
+        limit = accepts["max_order_cents"]
+        if why is None and (over := scenario.order_over(limit)):
+            minute, cents = over
+            why = (f"{misfit(accepts, {'max_order_cents': cents})}, and at order scale "
+                   f"{scenario.order_scale:g} minute {_clock(self.window, minute)} has one: "
+                   f"use --order-scale {scenario.order_scale_for(limit):g} or more")
+        return why
 
     def slices(self, minute: int, k: int) -> list[list[Message]]:
         """The minute's orders cut into `k` slices of equal simulated time by its per-second
@@ -170,6 +189,10 @@ class Replay:
             -> PublishReport:
         if self.flow is not None:
             self.seqs = list(await self.flow.start())
+            for shard, accepts in sorted(self.flow.accepts().items()):
+                if why := self.source.misfit(accepts):
+                    raise ConfigError(f"shard {shard} would refuse this replay's batches: "
+                                      f"{why}")
         start = self._now()
         # Earlier versions retained their status, which then showed on later screens.
         await self.publisher.send(self.topics.replay, b"", retain=True)

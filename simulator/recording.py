@@ -20,9 +20,11 @@ import orjson
 from ticker.core.dimensions import Window
 from ticker.core.partitions import stream_name
 from ticker.core.sequence import Watermarks
-from ticker.core.wire import BatchError, ChatbotCount, Limits, OrderBatch, decode, decode_chatbot
+from ticker.core.wire import MAX_ORDER_CENTS, BatchError, ChatbotCount, Limits, OrderBatch, decode, \
+    decode_chatbot
 
 from .curve_csv import MAX_MINUTES
+from .flow import misfit
 
 MAGIC = b"GMVREC1\n"
 _RECORD = struct.Struct("<BI")
@@ -35,7 +37,7 @@ class RecordingError(ValueError):
 
 def _limits(window: Window, n_brands: int) -> Limits:
     return Limits(n_brands=n_brands, n_minutes=window.minutes, n_countries=12, n_platforms=3,
-                  max_order_cents=10**10)
+                  max_order_cents=MAX_ORDER_CENTS)
 
 
 class RecordingWriter:
@@ -93,6 +95,7 @@ class RecordingSource:
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise RecordingError(f"{path}: bad header ({exc})") from None
         self._by_minute: dict[int, list[OrderBatch | ChatbotCount]] = defaultdict(list)
+        self._needs = {"minutes": self.window.minutes}  # what a shard must accept (misfit)
         offset, count = end + 1, 0
         while offset < len(data):
             if offset + _RECORD.size > len(data):
@@ -107,12 +110,22 @@ class RecordingSource:
             except BatchError as exc:
                 raise RecordingError(f"{path}: record {count + 1}: {exc}") from None
             self._by_minute[message.minute].append(message)
+            if isinstance(message, OrderBatch) and len(message):
+                needs = {"brands": int(message.brand.max()) + 1,
+                         "countries": int(message.country.max()) + 1,
+                         "platforms": int(message.platform.max()) + 1,
+                         "max_batch_orders": len(message),
+                         "max_order_cents": int(message.amount_cents.max())}
+                self._needs = {k: max(v, self._needs.get(k, 0)) for k, v in needs.items()}
             offset += _RECORD.size + size
             count += 1
         self.records = count
 
     def messages(self, minute: int) -> list[OrderBatch | ChatbotCount]:
         return self._by_minute.get(minute, [])
+
+    def misfit(self, accepts: dict[str, int]) -> str | None:
+        return misfit(accepts, self._needs)
 
     def slices(self, minute: int, k: int) -> list[list[OrderBatch | ChatbotCount]]:
         """The minute's messages spread over `k` slices of it in the order recorded (a

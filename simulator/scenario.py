@@ -120,6 +120,29 @@ class Scenario:
         debuts = np.minimum(allocate(min(self.n_brands, int(orders.sum())), orders), orders)
         return np.concatenate(([0], np.cumsum(debuts)))
 
+    def order_over(self, limit: int, budget: int = 1 << 22) -> tuple[int, int] | None:
+        """The first minute holding an order of more than `limit` cents, with its largest
+        order; None if none does. Only a minute of more GMV than `limit` can hold one; those
+        are generated to see, when they hold at most `budget` orders in all (where an order
+        can come near such a limit, at small order scales, they hold few; at order scale 1
+        they hold 100M orders of about USD 32 each, and are not)."""
+        risky = np.flatnonzero(self.minute_gmv_cents > limit)
+        if not len(risky) or int(self.minute_orders[risky].sum()) > budget:
+            return None
+        for minute in risky.tolist():
+            largest = int(self.orders(minute).amount_cents.max(initial=0))
+            if largest > limit:
+                return minute, largest
+        return None
+
+    def order_scale_for(self, limit: int) -> float:
+        """The smallest order scale of 1, 2 or 5 x 10**k above this one at which no order
+        passes `limit` cents (`order_over`): a minute's orders grow with the scale, so its
+        biggest shrinks. About 50 ms a try (a catalog each), for an error message."""
+        scales = (m * 10.0**e for e in range(-15, 1) for m in (1, 2, 5))
+        return next((s for s in scales if self.order_scale < s <= 1 and
+                     dataclasses.replace(self, order_scale=s).order_over(limit) is None), 1.0)
+
     def orders(self, minute: int) -> MinuteOrders:
         if not self.minute_orders[minute]:  # no GMV: a gap or flat stretch of your own curve
             empty = np.zeros(0, np.uint8)

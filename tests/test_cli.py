@@ -216,6 +216,20 @@ def test_bench_at_a_dead_broker_exits_1_at_once_naming_it():
     assert_one_error_line(err, f"cannot connect to the MQTT broker at {url}")
 
 
+@pytest.mark.parametrize("args, hint", [
+    (["--order-scale", "1e-12"], "use --order-scale 5e-06 or more"),
+    (["--shape", "festival", "--rate", "50"], "use --order-scale 5e-06 or more, or a higher --rate"),
+], ids=["order-scale", "shape-festival-at-a-low-rate"])
+def test_bench_from_the_festival_at_a_scale_of_huge_orders_exits_2_before_it_starts(args, hint):
+    """`gmv bench --source festival` at an order scale whose orders pass the aggregator's USD
+    100M an order: one line naming the order and the scale that fits, before anything runs
+    (before: the aggregator refused those batches and the bench reported them as lost)."""
+    code, err, seconds = run_gmv("bench", "--source", "festival", "--duration", "3", *args)
+    assert code == 2 and seconds < 10
+    assert_one_error_line(err, "the 2020 festival has an order of $423,409,703.75, more than "
+                               "the aggregator takes ($100,000,000 an order)", hint)
+
+
 def test_bench_whose_own_mosquitto_exits_at_start_says_why_in_one_line(tmp_path):
     """A Mosquitto that exits at start (a broken install) ends the bench with its own words."""
     broken = tmp_path / "mosquitto"

@@ -279,3 +279,95 @@ async def test_a_finished_replay_leaves_no_producer_state_behind(mosquitto, topi
         aggregator.wait(10)
     assert sorted(retained) == [topics.totals("0")]  # the replay status is not retained
     assert orjson.loads(retained[topics.totals("0")])["producers"] == 0
+
+
+@pytest.mark.parametrize("aggregate, simulate, why", [
+    (["--brands", "1000"], [],
+     "brand ids below 250,000; the shard takes ids below 1,000 (its --brands or --reference)"),
+    ([], ["--order-scale", "0.000001"],
+     "an order of $128,252,490.03; the shard takes at most $100,000,000.00, and at order "
+     "scale 1e-06 minute 11-01 00:01 has one: use --order-scale 5e-06 or more"),
+], ids=["too-few-brands", "tiny-order-scale"])
+async def test_a_replay_the_shard_would_refuse_exits_2_naming_why_and_publishes_nothing(
+        aggregate, simulate, why):
+    """A replay whose batches the running shard would reject (fewer brands than the scenario,
+    an order above the shard's USD 100M an order at a tiny order scale) stops at once with
+    one line saying why (exit 2, a bad setting) and publishes no batch. Before, the shard rejected every batch and
+    the replay waited for its acks for ever ('waiting to publish seq 200')."""
+    with stock_mosquitto() as broker:
+        topics, heard = Topics("gmv/v1"), []
+        aggregator = subprocess.Popen(GMV + ["aggregate", "--broker", broker.url,
+                                             "--no-checkpoint", *aggregate])
+        try:
+            async with connect(broker) as spy:
+                await spy.subscribe(f"{topics.prefix}/orders/#", qos=1)
+                sim = await asyncio.create_subprocess_exec(
+                    *GMV, "simulate", "--broker", broker.url, "--speed", "max", *simulate,
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+                async def listen() -> None:
+                    async for message in spy.messages:
+                        heard.append(message)
+                listening = asyncio.create_task(listen())
+                _, err = await asyncio.wait_for(sim.communicate(), 60)
+                await asyncio.sleep(0.5)  # anything published would have arrived
+                listening.cancel()
+        finally:
+            aggregator.terminate()
+            aggregator.wait(10)
+    assert sim.returncode == 2, err
+    assert err.decode().splitlines()[-1] == \
+        f"gmv: error: shard 0 would refuse this replay's batches: {why}"
+    assert heard == []
+
+
+def test_a_shard_says_what_it_accepts_and_a_replay_source_what_it_needs():
+    """The shard's totals carry the ranges it accepts; the 2020 scenario fits a shard of its
+    own dimensions, and is refused, with the reason, by one of fewer countries or a shorter
+    window."""
+    from simulator.flow import ShardLayout, misfit
+    from ticker.core.state import AggregateState
+    from ticker.core.wire import MAX_ORDER_CENTS, Limits
+
+    state = AggregateState(Limits(n_brands=250_000, n_minutes=15_840, n_countries=12,
+                                  n_platforms=3, max_order_cents=MAX_ORDER_CENTS))
+    accepts = ShardLayout.parse(orjson.dumps(state.snapshot())).accepts
+    assert accepts == {"brands": 250_000, "minutes": 15_840, "countries": 12, "platforms": 3,
+                       "max_batch_orders": 1_000_000, "max_order_cents": MAX_ORDER_CENTS}
+    source = ScenarioSource(scenario_for_year(2020))
+    assert source.misfit(accepts) is None
+    assert source.misfit({**accepts, "countries": 5}) == \
+        "country ids below 12; the shard takes ids below 5 (its --reference)"
+    assert source.misfit({**accepts, "minutes": 1_440}) == \
+        "a window of 15,840 minutes; the shard's has 1,440 (its --scenario)"
+    assert misfit(accepts, {"max_batch_orders": 2_000_000}) == \
+        "batches of 2,000,000 orders; the shard takes at most 1,000,000"
+    bad = orjson.dumps({**state.snapshot(), "accepts": {**accepts, "brands": -1}})
+    assert ShardLayout.parse(bad).accepts is None  # not trusted: nothing is checked
+
+
+def test_a_recording_needs_what_its_batches_hold(tmp_path):
+    """A recording's replay checks the shard against the ids, batch sizes and orders its
+    batches actually hold: a shard of fewer brands than the largest id recorded refuses it."""
+    from simulator.recording import RecordingSource
+
+    scenario = scenario_for_year(2020, order_scale=0.0001)
+    path = tmp_path / "minute.gmvrec"
+    with open(path, "wb") as file:
+        writer = RecordingWriter(file, scenario.window, scenario.n_brands)
+        for seq, message in enumerate(ScenarioSource(scenario).messages(14_400)):
+            writer.write(ORDERS, encode(message.__class__(
+                "rec", seq, 14_400, message.amount_cents, message.brand, message.country,
+                message.platform)))
+    orders = scenario.orders(14_400)
+    top = int(orders.brand.max())
+    accepts = {"brands": 250_000, "minutes": 15_840, "countries": 12, "platforms": 3,
+               "max_batch_orders": 1_000_000, "max_order_cents": 10**10}
+    source = RecordingSource(path)
+    assert source.misfit(accepts) is None
+    assert source.misfit({**accepts, "brands": top}) == (
+        f"brand ids below {top + 1:,}; the shard takes ids below {top:,} (its --brands or "
+        "--reference)")
+    largest = int(orders.amount_cents.max())
+    assert source.misfit({**accepts, "max_order_cents": largest - 1}).startswith(
+        f"an order of ${largest // 100:,}.{largest % 100:02d}; the shard takes at most")

@@ -335,6 +335,15 @@ class AggregateState:
                 "watermarks": self.watermarks.dump(), "big_brand_cents": self.big_brand_cents,
                 "big_brand_minutes": list(self.big_brand_minutes), "shard": self._shard_key()}
 
+    def _accepts(self) -> dict[str, int]:
+        """The ranges this shard accepts, for a producer to check its batches against before
+        it sends them (a replay whose every batch is refused would wait for acks for ever)."""
+        limits = self.limits
+        return {"brands": limits.n_brands, "minutes": limits.n_minutes,
+                "countries": limits.n_countries, "platforms": limits.n_platforms,
+                "max_batch_orders": limits.max_batch_orders,
+                "max_order_cents": limits.max_order_cents}
+
     def _shard_key(self) -> list[int]:
         return [self.shard.index, self.shard.count, self.shard.partitions]
 
@@ -412,6 +421,7 @@ class AggregateState:
             "producers": len(self.watermarks.producers),
             "partitions": self.shard.partitions,
             "owned": self.shard.owned,
+            "accepts": self._accepts(),
             "state": self.state_id,
             "latency_ms": self.latency.percentiles(),
             "newest_sent_at_us": self.newest_sent_at_us,

@@ -51,6 +51,10 @@ PRODUCER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 MAX_SEQ = 2**53 - 1
 MAX_TOTAL = 2**53 - 1  # cents, orders or queries in any total (USD 90 trillion)
 MAX_SENT_AT_US = 2**53 - 1  # microseconds since the epoch: the year 2255
+# What `gmv aggregate` takes for one order, USD 100M: a replay at a small order scale makes
+# few, huge orders (a minute's GMV in one at the smallest), which a replay checks before
+# it sends them (the shards' totals say their limit).
+MAX_ORDER_CENTS = 10**10
 _BINARY_BYTES_PER_ORDER = 8 + 4 + 1 + 1
 
 
