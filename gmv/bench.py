@@ -283,6 +283,7 @@ def _festival_schedule(args: argparse.Namespace, seconds: int, total: int) \
     orders = int((plan.stop - plan.start)[:len(due)].sum())
     last = int(plan.minute[len(due) - 1]) if len(due) else 0
     described = {"source": "festival", "scenario": scenario.name, "order_scale": scale,
+                 "shape": args.shape,
                  "minutes": [0, last], "orders_offered": orders,
                  "peak_orders_per_s": float(rates.max()),
                  "whole_festival": last == scenario.window.minutes - 1 and
@@ -344,7 +345,24 @@ def _own_mosquitto():
             mosquitto.proc.wait(10)
 
 
+MAX_BATCHES = 20_000_000  # a schedule's deadlines: 160 MB (a 60 s run at 30M orders/s: 180,000)
+
+
+def _check(args: argparse.Namespace) -> None:
+    """Settings that cannot give the run asked for, before anything starts."""
+    if args.source == "pool" and (args.scenario != "2020" or args.order_scale is not None):
+        raise ConfigError("--scenario and --order-scale choose the orders of --source festival; "
+                          "the pool is 2020's at order scale 1")
+    batches = (args.orders or args.rate * args.duration) / args.batch_orders
+    if batches > MAX_BATCHES:
+        raise ConfigError(f"the settings give {batches:,.0f} batches, more than {MAX_BATCHES:,}: "
+                          "lower --rate, --duration or --orders, or raise --batch-orders")
+    if args.json and not os.access(Path(args.json).parent, os.W_OK):
+        raise ConfigError(f"--json {args.json}: cannot write in {Path(args.json).parent}")
+
+
 async def run_bench(args: argparse.Namespace, broker: BrokerSettings | None) -> int:
+    _check(args)
     stack = contextlib.ExitStack()
     with stack:
         broker_pid = args.broker_pid
@@ -597,8 +615,9 @@ def _source_line(source: dict) -> str:
         whole = ", the whole festival" if source["whole_festival"] else ""
         return (f"festival {source['scenario']} generated live at order scale "
                 f"{source['order_scale']:.4g} (minutes {first}-{last}{whole}, "
-                f"{source['orders_offered']:,} orders, busiest second "
-                f"{source['peak_orders_per_s']:,.0f} orders/s)")
+                f"{source['orders_offered']:,} orders, "
+                + ("busiest second " if source.get("shape") == "festival" else "offered at ")
+                + f"{source['peak_orders_per_s']:,.0f} orders/s)")
     return (f"pool of {source.get('batches')} batches cut from {source.get('scenario')} minute "
             f"{source.get('minute')}, re-stamped")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import os
 import ssl
 import sys
@@ -48,7 +49,9 @@ def _positive(kind: type, upper: float = float("inf")):
             value = kind(text)
         except ValueError:
             value = None
-        if value is None or not 0 < value <= upper:
+        if value is None or not 0 < value <= upper or not math.isfinite(value):
+            if math.isinf(upper):
+                raise argparse.ArgumentTypeError(f"must be a finite number above 0, not {text!r}")
             raise argparse.ArgumentTypeError(f"must be a number in (0, {upper:g}], not {text!r}")
         return value
     return parse
@@ -248,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rate", type=_positive(float), default=583_000,
                        help="orders/s offered, the peak with --shape festival (default 583000)")
     bench.add_argument("--shape", choices=("constant", "festival"), default="constant",
-                       help="constant rate, or the 2020 curve squeezed into the duration")
+                       help="constant rate, or a festival's curve squeezed into the duration "
+                            "(2020's; with --source festival, its --scenario's)")
     bench.add_argument("--source", choices=("pool", "festival"), default="pool",
                        help="pool: batches of one busy 2020 minute, re-stamped (default); "
                             "festival: the scenario's orders from its first minute, generated "
@@ -259,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--order-scale", type=_positive(float, 1.0), default=None,
                        help="order scale of --source festival (default 1; with --shape "
                             "festival: the one whose busiest second offers --rate)")
-    bench.add_argument("--duration", type=_positive(float), default=60.0,
+    bench.add_argument("--duration", type=_positive(float, 7 * 86_400), default=60.0,
                        help="seconds of load (default 60)")
     bench.add_argument("--orders", type=_positive(int), help="stop after this many orders")
     bench.add_argument("--batch-orders", type=_positive(int, 300_000), default=10_000,

@@ -35,6 +35,16 @@ TOTAL = 7_410_000_000_000
     (["bogus"], "invalid choice: 'bogus'"),
     (["simulate", "--broker", "mqtt://127.0.0.1:1", "--encoding", "json", "--batch-orders",
       "200000"], "--batch-orders=200000: JSON batches of more than 100,000 orders can pass"),
+    # gmv bench: each of these was a traceback (inf, 1e15, the --json path at the end of the
+    # run) or was silently ignored (--scenario with the pool)
+    (["bench", "--rate", "inf"], "--rate: must be a finite number above 0, not 'inf'"),
+    (["bench", "--duration", "inf"], "--duration: must be a number in (0, 604800]"),
+    (["bench", "--rate", "1e15", "--duration", "1"],
+     "the settings give 100,000,000,000 batches, more than 20,000,000: lower --rate"),
+    (["bench", "--json", "/nonexistent/dir/x.json"],
+     "--json /nonexistent/dir/x.json: cannot write in /nonexistent/dir"),
+    (["bench", "--scenario", "2009"], "--scenario and --order-scale choose the orders of "
+                                      "--source festival; the pool is 2020's"),
 ])
 def test_bad_setting_exits_2_with_one_line_naming_it(argv, message, capsys):
     """A bad option prints one `gmv: error:` line naming the setting, and no traceback."""
