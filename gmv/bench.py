@@ -39,6 +39,7 @@ import numpy as np
 import orjson
 from websockets.asyncio.client import connect as ws_connect
 
+from simulator.flow import usd
 from simulator.generator import keep_freed_memory
 from simulator.loadgen import build_pool, deadlines, due_times, festival_own_rates, \
     festival_plan, festival_rates
@@ -273,11 +274,9 @@ def _festival_schedule(args: argparse.Namespace, seconds: int, total: int) \
         rates = np.full(seconds, float(args.rate))
         plan = festival_plan(scenario, args.batch_orders, total)
     if over := scenario.order_over(MAX_ORDER_CENTS):  # the bench's aggregators would refuse it
-        cents = over[1]
         raise ConfigError(
-            f"at order scale {scale:g} the {year} festival has an order of "
-            f"${cents // 100:,}.{cents % 100:02d}, more than the aggregator takes "
-            f"(${MAX_ORDER_CENTS // 100:,} an order): use --order-scale "
+            f"at order scale {scale:g} the {year} festival has an order of {usd(over[1])}, "
+            f"more than the aggregator takes ({usd(MAX_ORDER_CENTS)} an order): use --order-scale "
             f"{scenario.order_scale_for(MAX_ORDER_CENTS):g} or more"
             + (", or a higher --rate" if args.order_scale is None else ""))
     due = due_times(rates, plan.orders_before)

@@ -20,8 +20,8 @@ import orjson
 from ticker.core.dimensions import Window
 from ticker.core.partitions import stream_name
 from ticker.core.sequence import Watermarks
-from ticker.core.wire import MAX_ORDER_CENTS, BatchError, ChatbotCount, Limits, OrderBatch, decode, \
-    decode_chatbot
+from ticker.core.wire import MAX_ORDER_CENTS, BatchError, ChatbotCount, Limits, OrderBatch, \
+    decode, decode_chatbot
 
 from .curve_csv import MAX_MINUTES
 from .flow import misfit
@@ -116,7 +116,8 @@ class RecordingSource:
                          "platforms": int(message.platform.max()) + 1,
                          "max_batch_orders": len(message),
                          "max_order_cents": int(message.amount_cents.max())}
-                self._needs = {k: max(v, self._needs.get(k, 0)) for k, v in needs.items()}
+                for key, need in needs.items():
+                    self._needs[key] = max(need, self._needs.get(key, 0))
             offset += _RECORD.size + size
             count += 1
         self.records = count

@@ -228,7 +228,8 @@ def test_bench_at_a_dead_broker_exits_1_at_once_naming_it():
 
 @pytest.mark.parametrize("args, hint", [
     (["--order-scale", "1e-12"], "use --order-scale 5e-06 or more"),
-    (["--shape", "festival", "--rate", "50"], "use --order-scale 5e-06 or more, or a higher --rate"),
+    (["--shape", "festival", "--rate", "50"],
+     "use --order-scale 5e-06 or more, or a higher --rate"),
 ], ids=["order-scale", "shape-festival-at-a-low-rate"])
 def test_bench_from_the_festival_at_a_scale_of_huge_orders_exits_2_before_it_starts(args, hint):
     """`gmv bench --source festival` at an order scale whose orders pass the aggregator's USD
@@ -237,7 +238,7 @@ def test_bench_from_the_festival_at_a_scale_of_huge_orders_exits_2_before_it_sta
     code, err, seconds = run_gmv("bench", "--source", "festival", "--duration", "3", *args)
     assert code == 2 and seconds < 10
     assert_one_error_line(err, "the 2020 festival has an order of $423,409,703.75, more than "
-                               "the aggregator takes ($100,000,000 an order)", hint)
+                               "the aggregator takes ($100,000,000.00 an order)", hint)
 
 
 def test_bench_whose_own_mosquitto_exits_at_start_says_why_in_one_line(tmp_path):

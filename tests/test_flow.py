@@ -292,8 +292,9 @@ async def test_a_replay_the_shard_would_refuse_exits_2_naming_why_and_publishes_
         aggregate, simulate, why):
     """A replay whose batches the running shard would reject (fewer brands than the scenario,
     an order above the shard's USD 100M an order at a tiny order scale) stops at once with
-    one line saying why (exit 2, a bad setting) and publishes no batch. Before, the shard rejected every batch and
-    the replay waited for its acks for ever ('waiting to publish seq 200')."""
+    one line saying why (exit 2, a bad setting) and publishes no batch. Before, the shard
+    rejected every batch and the replay waited for its acks for ever ('waiting to publish
+    seq 200')."""
     with stock_mosquitto() as broker:
         topics, heard = Topics("gmv/v1"), []
         aggregator = subprocess.Popen(GMV + ["aggregate", "--broker", broker.url,
@@ -365,6 +366,8 @@ def test_a_recording_needs_what_its_batches_hold(tmp_path):
                "max_batch_orders": 1_000_000, "max_order_cents": 10**10}
     source = RecordingSource(path)
     assert source.misfit(accepts) is None
+    assert source.misfit({**accepts, "minutes": 1_440}) == \
+        "a window of 15,840 minutes; the shard's has 1,440 (its --scenario)"
     assert source.misfit({**accepts, "brands": top}) == (
         f"brand ids below {top + 1:,}; the shard takes ids below {top:,} (its --brands or "
         "--reference)")
