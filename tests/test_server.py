@@ -100,6 +100,34 @@ async def test_viewer_gets_snapshot_on_connect_then_consecutive_updates():
                 assert "window" not in update  # unchanged fields are not resent
 
 
+async def test_a_push_that_fails_is_logged_and_the_next_one_still_reaches_the_screen(caplog):
+    """A push that raises (a bug: here a fake, since no valid totals make `feed.publish` fail)
+    is logged with its traceback and the pusher goes on; before, the exception ended the
+    pusher task, and under `gmv serve` its task group and the whole server."""
+    async with serving() as (server, port):
+        server.receive_totals(shard("0", 100, 1, 0))
+        await asyncio.sleep(0.05)
+        async with ws_connect(f"ws://127.0.0.1:{port}/ws") as ws:
+            assert orjson.loads(await ws.recv())["gmv_cents"] == 100
+            publish, failures = server.feed.publish, []
+
+            def failing_once() -> bool:
+                if not failures:
+                    failures.append(1)
+                    raise RuntimeError("a bug in the feed")
+                return publish()
+            server.feed.publish = failing_once
+            server.receive_totals(shard("0", 200, 1, 0))
+            await asyncio.sleep(0.1)
+            server.receive_totals(shard("0", 300, 1, 0))
+            async with asyncio.timeout(5):  # frames until the newest total (or none: a hang)
+                while orjson.loads(await ws.recv()).get("gmv_cents") != 300:
+                    pass
+    assert failures == [1]
+    assert "the push failed (1 time(s) since the last report)" in caplog.text
+    assert "RuntimeError: a bug in the feed" in caplog.text
+
+
 async def test_late_reader_ends_on_the_newest_state():
     """A viewer that starts reading late still ends on the newest state."""
     async with serving() as (server, port):

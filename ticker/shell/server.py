@@ -108,6 +108,7 @@ class TickerServer:
         self.heartbeat_interval = 1.0
         self._wrong_tokens = FailureLimiter(burst=5, refill=1.0)  # shared by all viewers
         self._ignored_log, self._refused_log = LogThrottle(), LogThrottle()
+        self._failed_log = LogThrottle()
         self._answers: dict[str, asyncio.Future] = {}  # nonce -> the replay's answer
         self.answer_timeout = 3.0
         self.frames_sent: Counter[str] = Counter()  # frames written to viewers, by kind
@@ -172,20 +173,24 @@ class TickerServer:
                     await self._received.wait()
             await asyncio.sleep(next_push - loop.time())
             self._received.clear()
-            self.feed.tick(time.monotonic())  # the replay status expires, quiet shards show
             now = loop.time()
-            if self.feed.publish():
-                self._fan_out()
-            # Every second whatever else is sent: the page's only proof that totals are
-            # fresh (a replay status or a quiet-shard change must not keep it "LIVE").
-            if now - last_beat >= self.heartbeat_interval:
-                ready = [ws for ws in self._sent
-                         if ws.transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT]
-                self.frames_skipped += len(self._sent) - len(ready)
-                self.frames_sent["heartbeat"] += self._write(ready, self._heartbeat())
-                last_beat = now
-            if self.feed.shards:
-                self._primed.set()  # the view now holds real totals: new viewers may come
+            try:
+                self.feed.tick(time.monotonic())  # the replay status expires, quiet shards show
+                if self.feed.publish():
+                    self._fan_out()
+                # Every second whatever else is sent: the page's only proof that totals are
+                # fresh (a replay status or a quiet-shard change must not keep it "LIVE").
+                if now - last_beat >= self.heartbeat_interval:
+                    ready = [ws for ws in self._sent
+                             if ws.transport.get_write_buffer_size() <= WRITE_BUFFER_LIMIT]
+                    self.frames_skipped += len(self._sent) - len(ready)
+                    self.frames_sent["heartbeat"] += self._write(ready, self._heartbeat())
+                    last_beat = now
+                if self.feed.shards:
+                    self._primed.set()  # the view now holds real totals: new viewers may come
+            except Exception:  # a bug must not stop every screen: log it, try again next push
+                if count := self._failed_log.due(time.monotonic()):
+                    log.exception("the push failed (%d time(s) since the last report)", count)
             next_push = max(next_push + self.push_interval, now)
 
     def _fan_out(self) -> None:
