@@ -596,9 +596,9 @@ def _print(r: Report) -> None:
     lines = [
         f"source      {_source_line(r.source)}",
         f"published   {r.published_orders:,} orders in {r.published_batches:,} batches, "
-        f"{d['published_orders_per_s'] / 1e6:.2f}M orders/s, {d['batches_per_s']:,.0f} "
+        f"{_per_s(d['published_orders_per_s'])} orders/s, {d['batches_per_s']:,.0f} "
         f"batches/s, {d['mb_per_s']:.1f} MB/s (max lateness {r.max_lateness_ms:.0f} ms)",
-        f"aggregated  {r.aggregated_orders:,} orders, {d['aggregated_orders_per_s'] / 1e6:.2f}M "
+        f"aggregated  {r.aggregated_orders:,} orders, {_per_s(d['aggregated_orders_per_s'])} "
         f"orders/s; GMV {r.aggregated_gmv_cents:,} of {r.published_gmv_cents:,} cents",
         f"lost        {r.lost_orders:,} orders; double counted {r.double_counted_orders:,}; "
         f"redeliveries dropped {r.duplicates_dropped:,}; gaps {r.gaps:,}",
@@ -610,6 +610,11 @@ def _print(r: Report) -> None:
             f"{k} {v:.0f} MB" for k, v in r.aggregator_rss_mb.items()),
     ]
     print("\n".join(lines), flush=True)
+
+
+def _per_s(rate: float) -> str:
+    """21.33M, or 5,280 below a million (where 0.01M would say little)."""
+    return f"{rate / 1e6:.2f}M" if rate >= 1e6 else f"{rate:,.0f}"
 
 
 def _source_line(source: dict) -> str:
