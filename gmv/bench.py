@@ -485,9 +485,12 @@ async def _run(args, broker: BrokerSettings, broker_pid: int | None, stack) -> R
         report.published_gmv_cents += d["gmv_cents"]
         report.published_bytes += d["bytes"]
         report.max_lateness_ms = max(report.max_lateness_ms, d["lateness_ms"])
-    # From the start signal to the last producer's last batch, as the producers time it: the
-    # loop above sees a producer done up to 0.25 s late, and the announcements after it.
-    report.publish_seconds = max(d["seconds"] for d in done.values()) if done else publish_wall
+    # From the start signal to the last producer's last batch, as the producers time it (the
+    # loop above sees a producer done up to 0.25 s late, and the announcements after it), but
+    # not less than the schedule's n slots (the last batch is due at the start of the last).
+    slots = float(due[-1]) * len(due) / (len(due) - 1) if len(due) > 1 else 0.0
+    report.publish_seconds = max([slots, *(d["seconds"] for d in done.values())]) if done \
+        else publish_wall
     # Drain: wait until the aggregator has every batch, or nothing moves for a while.
     last_change, last_orders = time.monotonic(), -1
     while latest.get("orders", 0) < report.published_orders and \
