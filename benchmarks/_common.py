@@ -272,7 +272,8 @@ def own_mosquitto(stock: bool = False) -> Iterator[tuple[int, subprocess.Popen]]
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="gmv-bench-mosq-") as tmp:
         conf = Path(tmp) / "mosquitto.conf"
-        conf.write_text(MOSQUITTO_BENCH_CONF.format(port=port))
+        if not stock:
+            conf.write_text(MOSQUITTO_BENCH_CONF.format(port=port))
         argv = [MOSQUITTO, "-p", str(port)] if stock else [MOSQUITTO, "-c", str(conf)]
         proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

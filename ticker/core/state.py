@@ -94,6 +94,13 @@ class AggregateState:
             raise ValueError(f"big_brand_cents={big_brand_cents!r}: must be a positive "
                              "integer of cents")
         self.limits, self.shard = limits, shard
+        # The ranges this shard accepts, in every snapshot, for a producer to check its
+        # batches against before it sends them (a replay whose every batch is refused would
+        # wait for acks for ever). The limits never change: built once, not 20 times a second.
+        self._accepts = {"brands": limits.n_brands, "minutes": limits.n_minutes,
+                         "countries": limits.n_countries, "platforms": limits.n_platforms,
+                         "max_batch_orders": limits.max_batch_orders,
+                         "max_order_cents": limits.max_order_cents}
         self.big_brand_cents = big_brand_cents
         self.curve_bucket_minutes = curve_bucket_minutes(limits.n_minutes)
         self.first_time = first_time
@@ -335,15 +342,6 @@ class AggregateState:
                 "watermarks": self.watermarks.dump(), "big_brand_cents": self.big_brand_cents,
                 "big_brand_minutes": list(self.big_brand_minutes), "shard": self._shard_key()}
 
-    def _accepts(self) -> dict[str, int]:
-        """The ranges this shard accepts, for a producer to check its batches against before
-        it sends them (a replay whose every batch is refused would wait for acks for ever)."""
-        limits = self.limits
-        return {"brands": limits.n_brands, "minutes": limits.n_minutes,
-                "countries": limits.n_countries, "platforms": limits.n_platforms,
-                "max_batch_orders": limits.max_batch_orders,
-                "max_order_cents": limits.max_order_cents}
-
     def _shard_key(self) -> list[int]:
         return [self.shard.index, self.shard.count, self.shard.partitions]
 
@@ -421,7 +419,7 @@ class AggregateState:
             "producers": len(self.watermarks.producers),
             "partitions": self.shard.partitions,
             "owned": self.shard.owned,
-            "accepts": self._accepts(),
+            "accepts": self._accepts,
             "state": self.state_id,
             "latency_ms": self.latency.percentiles(),
             "newest_sent_at_us": self.newest_sent_at_us,
